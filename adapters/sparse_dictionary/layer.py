@@ -1,0 +1,281 @@
+"""The adapter's weights and the attention processor that applies them.
+
+ΔO = A·σ(X·W_s)·D (paper eq. 9 in its sec. 3.4 form). The M coefficient channels are split
+evenly across the H heads; head h mixes its M/H channels with its own attention map A^(h).
+``A·S`` is computed in the same scaled-dot-product-attention call as the frozen ``A·V`` by
+appending S to V, so the attention map is never materialised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from adapters.sparse_dictionary.config import SparseDictionaryConfig
+
+
+class SparseDictionaryLayer(nn.Module):
+    """W_s (C_in × M) produces coefficients; D (M × C_out) holds the atoms."""
+
+    def __init__(self, in_features: int, out_features: int, num_atoms: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.coefficient_proj = nn.Parameter(torch.empty(in_features, num_atoms, dtype=dtype))
+        # D starts at zero, so an untrained adapter leaves the base model's output unchanged.
+        self.dictionary = nn.Parameter(torch.zeros(num_atoms, out_features, dtype=dtype))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        # Unit-variance coefficients for unit-variance inputs, as the normed attention input is.
+        std = 1.0 / math.sqrt(self.coefficient_proj.shape[0])
+        with torch.no_grad():
+            sample = torch.randn(self.coefficient_proj.shape, generator=generator) * std
+            self.coefficient_proj.copy_(sample.to(self.coefficient_proj.dtype))
+            self.dictionary.zero_()
+
+
+class SparseDictionaryAdapter(nn.Module):
+    """One tenant's adapter: a dictionary layer per adapted block, plus atom importance.
+
+    ``importance[block]`` (length M) ranks the atoms of that block's layer; it is computed after
+    training and used by "keep the K most important atoms" requests.
+    """
+
+    def __init__(self, config: SparseDictionaryConfig, in_features: int, out_features: int, num_blocks: int):
+        super().__init__()
+        config.validate(num_blocks=num_blocks)
+        self.config = config
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layers = nn.ModuleDict(
+            {
+                str(block): SparseDictionaryLayer(in_features, out_features, config.num_atoms, config.torch_dtype)
+                for block in config.blocks(num_blocks)
+            }
+        )
+        self.importance: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def create(cls, config: SparseDictionaryConfig, transformer: nn.Module, seed: int = 0) -> SparseDictionaryAdapter:
+        """A fresh adapter for ``transformer``: random W_s, zero D, the base's fingerprint."""
+        from adapters.sparse_dictionary.config import base_fingerprint
+
+        num_blocks = len(transformer.transformer_blocks)
+        attn = transformer.transformer_blocks[0].attn1
+        config.validate(num_blocks=num_blocks, num_heads=attn.heads)
+        if not config.base_fingerprint:
+            config.base_fingerprint = base_fingerprint(transformer)
+        adapter = cls(config, attn.to_q.in_features, attn.to_out[0].out_features, num_blocks)
+        generator = torch.Generator().manual_seed(seed)
+        for layer in adapter.layers.values():
+            layer.reset_parameters(generator)
+        return adapter
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted(int(b) for b in self.layers)
+
+    def layer(self, block: int) -> SparseDictionaryLayer | None:
+        key = str(block)
+        return self.layers.get(key, None)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def apply_activation(coefficients: torch.Tensor, activation: str, threshold: float) -> torch.Tensor:
+    """σ_λ for the threshold rules; ``topk`` is applied by ``keep_top_k`` since k varies per row."""
+    if activation == "relu":
+        return F.relu(coefficients - threshold)
+    if activation == "soft_threshold":
+        return torch.sign(coefficients) * F.relu(coefficients.abs() - threshold)
+    return coefficients
+
+
+def keep_top_k(coefficients: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
+    """Keep the k largest-magnitude coefficients of every token, k given per batch row.
+
+    Magnitude, not value, so every token keeps exactly k non-zero coefficients (signed atoms
+    can both add and remove a feature).
+    """
+    k_max = int(k_per_row.max())
+    indices = coefficients.abs().topk(k_max, dim=-1, sorted=True).indices
+    if bool((k_per_row == k_max).all()):
+        keep = torch.zeros_like(coefficients).scatter_(-1, indices, 1.0)
+    else:
+        rank_kept = torch.arange(k_max, device=coefficients.device) < k_per_row.view(-1, 1, 1)
+        keep = torch.zeros_like(coefficients).scatter_(-1, indices, rank_kept.expand_as(indices).to(coefficients.dtype))
+    return coefficients * keep
+
+
+@dataclass
+class GroupPlan:
+    """The rows of a batch that one adapter serves in one layer, and what each row asked for."""
+
+    layer: SparseDictionaryLayer
+    config: SparseDictionaryConfig
+    rows: torch.Tensor | None
+    """Row indices into the attention batch; ``None`` means every row, in order (no gather)."""
+    k_per_row: torch.Tensor | None
+    """Atoms kept per token for each row, or ``None`` where no row applies top-k."""
+    keep: torch.Tensor | None
+    """Per-row atom keep mask, shape (rows, M), or ``None`` where no row masks atoms."""
+
+
+class SparseDictionaryAttnProcessor:
+    """Self-attention with the frozen path plus, per batch row, a sparse dictionary update.
+
+    Installed once per adapted block; the ``planner`` (the ``AdapterHost``) tells it, per
+    forward pass, which adapter serves which rows. With no adapter in the batch it runs the
+    stock processor, so the base model's output is bit-identical.
+    """
+
+    def __init__(self, block: int, planner: LayerPlanner) -> None:
+        self.block = block
+        self.planner = planner
+        self.plain = AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        groups = self.planner.plan(self.block, hidden_states.shape[0], hidden_states.device)
+        if not groups or encoder_hidden_states is not None or hidden_states.ndim != 3:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+        batch, tokens, _ = hidden_states.shape
+        heads = attn.heads
+        coefficients = compute_coefficients(hidden_states, groups, heads)  # (B, N, H, m_max)
+        if self.planner.observer is not None:
+            self.planner.observer(self.block, coefficients.reshape(batch, tokens, -1))
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+            attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        coefficients = coefficients.transpose(1, 2).to(value.dtype)  # (B, H, N, m)
+
+        if self.planner.reference:
+            attended, mixed = reference_attention(query, key, value, coefficients, attention_mask, attn.scale)
+        else:
+            attended, mixed = fused_attention(query, key, value, coefficients, attention_mask, attn.scale)
+
+        attended = attended.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        output = attn.to_out[1](attn.to_out[0](attended))
+        output = output + dictionary_update(mixed.transpose(1, 2), groups, output.shape)
+        if attn.residual_connection:
+            output = output + hidden_states
+        return output / attn.rescale_output_factor
+
+
+class LayerPlanner:
+    """What a processor asks of the host: the groups for a block and batch size."""
+
+    reference: bool = False
+    observer: Callable[[int, torch.Tensor], None] | None = None
+    """Called with (block, coefficients) on every adapted forward; used to measure atom use."""
+
+    def plan(self, block: int, batch_size: int, device: torch.device) -> list[GroupPlan]:
+        raise NotImplementedError
+
+
+def compute_coefficients(hidden_states: torch.Tensor, groups: list[GroupPlan], num_heads: int) -> torch.Tensor:
+    """σ(X·W_s) per row, masked, laid out per head: (B, N, H, m_max), zero where unused.
+
+    Adapters with fewer atoms than the widest one in the batch are zero-padded per head, which
+    leaves their part of A·S exact.
+    """
+    batch, tokens, _ = hidden_states.shape
+    per_head_max = max(g.config.num_atoms for g in groups) // num_heads
+    if len(groups) == 1 and groups[0].rows is None:
+        return _group_coefficients(hidden_states, groups[0]).view(batch, tokens, num_heads, per_head_max)
+    out = hidden_states.new_zeros(batch, tokens, num_heads, per_head_max)
+    for group in groups:
+        per_head = group.config.num_atoms // num_heads
+        rows = hidden_states if group.rows is None else hidden_states[group.rows]
+        coefficients = _group_coefficients(rows, group).view(rows.shape[0], tokens, num_heads, per_head)
+        out[slice(None) if group.rows is None else group.rows, :, :, :per_head] = coefficients
+    return out
+
+
+def _group_coefficients(hidden_states: torch.Tensor, group: GroupPlan) -> torch.Tensor:
+    weights = group.layer.coefficient_proj.to(hidden_states.dtype)
+    coefficients = apply_activation(hidden_states @ weights, group.config.activation, group.config.threshold)
+    if group.k_per_row is not None:
+        coefficients = keep_top_k(coefficients, group.k_per_row)
+    if group.keep is not None:
+        coefficients = coefficients * group.keep.to(coefficients.dtype).unsqueeze(1)
+    return coefficients
+
+
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    coefficients: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A·V and A·S from one SDPA call: S rides along V as extra value channels.
+
+    Fused SDPA kernels want the value width to equal the query width, so q and k are padded
+    with zero columns (which add nothing to q·kᵀ) and the softmax scale is given explicitly.
+    """
+    head_dim = value.shape[-1]
+    extra = coefficients.shape[-1]
+    padded_query = F.pad(query, (0, extra))
+    padded_key = F.pad(key, (0, extra))
+    stacked = torch.cat([value, coefficients], dim=-1)
+    out = F.scaled_dot_product_attention(padded_query, padded_key, stacked, attn_mask=attention_mask, scale=scale)
+    return out[..., :head_dim], out[..., head_dim:]
+
+
+def reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    coefficients: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slow path with the attention map written out; the fused path is tested against it."""
+    scores = (query @ key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    attention_map = scores.softmax(dim=-1)
+    return attention_map @ value, attention_map @ coefficients
+
+
+def dictionary_update(mixed: torch.Tensor, groups: list[GroupPlan], shape: torch.Size) -> torch.Tensor:
+    """ΔO = (A·S)·D per group of rows; ``mixed`` is (B, N, H, m_max)."""
+    batch, tokens, heads, _ = mixed.shape
+    if len(groups) == 1 and groups[0].rows is None:
+        dictionary = groups[0].layer.dictionary.to(mixed.dtype)
+        return mixed.reshape(batch, tokens, -1) @ dictionary
+    update = mixed.new_zeros(shape)
+    for group in groups:
+        per_head = group.config.num_atoms // heads
+        rows = mixed if group.rows is None else mixed[group.rows]
+        rows = rows[..., :per_head].reshape(rows.shape[0], tokens, -1)
+        delta = rows @ group.layer.dictionary.to(mixed.dtype)
+        update = update + delta if group.rows is None else update.index_add(0, group.rows, delta)
+    return update

@@ -1,0 +1,215 @@
+"""One frozen PixArt-Σ transformer serving many resident adapters, routed per batch row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapters.sparse_dictionary.config import SparseDictionaryConfig, base_fingerprint, density_to_k
+from adapters.sparse_dictionary.layer import (
+    GroupPlan,
+    LayerPlanner,
+    SparseDictionaryAdapter,
+    SparseDictionaryAttnProcessor,
+)
+
+
+class RoutingError(ValueError):
+    """A route names an adapter, block, density or mask that does not fit; the message says which."""
+
+
+@dataclass(frozen=True)
+class SampleRoute:
+    """What one generated sample asks of the adapters.
+
+    ``atom_mask`` maps a block index to a boolean keep-mask over that layer's M atoms; blocks
+    not named keep every atom. ``top_atoms`` keeps, in every adapted layer, only the K atoms
+    with the highest stored importance. Both drop atoms after σ, so the remaining atoms keep
+    the coefficients they had (the paper's atom-removal edit), rather than letting other
+    atoms take the freed places.
+    """
+
+    adapter: str | None = None
+    density: float | None = None
+    atom_mask: dict[int, torch.Tensor] | None = None
+    top_atoms: int | None = None
+
+
+Observer = Callable[[int, torch.Tensor], None]
+
+
+class AdapterHost(LayerPlanner):
+    """Installs the adapter processors on a shared transformer once and routes rows to adapters.
+
+    Base weights are never touched. Resident adapters are held by reference, so switching
+    between them costs no copy; ``route`` only decides which rows each one serves.
+    """
+
+    def __init__(self, transformer: nn.Module, reference: bool = False) -> None:
+        blocks = getattr(transformer, "transformer_blocks", None)
+        if blocks is None or not len(blocks) or not hasattr(blocks[0], "attn1"):
+            raise TypeError("AdapterHost needs a PixArtTransformer2DModel (transformer_blocks[i].attn1)")
+        self.transformer = transformer
+        self.reference = reference
+        self.fingerprint = base_fingerprint(transformer)
+        self.num_blocks = len(blocks)
+        self.num_heads = blocks[0].attn1.heads
+        self.observer: Observer | None = None
+        self._adapters: dict[str, SparseDictionaryAdapter] = {}
+        self._routes: list[SampleRoute] | None = None
+        self._plans: dict[tuple[int, int], list[GroupPlan]] = {}
+        self._original_processors = dict(transformer.attn_processors)
+        processors = dict(self._original_processors)
+        for index in range(self.num_blocks):
+            processors[f"transformer_blocks.{index}.attn1.processor"] = SparseDictionaryAttnProcessor(index, self)
+        transformer.set_attn_processor(processors)
+
+    def detach(self) -> None:
+        """Put the stock processors back (e.g. before wrapping the transformer with PEFT)."""
+        self.transformer.set_attn_processor(self._original_processors)
+
+    # -- residency ----------------------------------------------------------------------------
+
+    def add(self, name: str, adapter: SparseDictionaryAdapter) -> None:
+        """Make ``adapter`` resident under ``name`` on the transformer's device."""
+        if adapter.config.base_fingerprint != self.fingerprint:
+            raise RoutingError(
+                f"adapter {name!r} was made for base {adapter.config.base_fingerprint!r}, "
+                f"this host serves {self.fingerprint!r}"
+            )
+        adapter.config.validate(num_blocks=self.num_blocks, num_heads=self.num_heads)
+        device = next(self.transformer.parameters()).device
+        self._adapters[name] = adapter.to(device)
+        self._plans.clear()
+
+    def remove(self, name: str) -> SparseDictionaryAdapter:
+        if self._routes is not None and any(r.adapter == name for r in self._routes):
+            raise RoutingError(f"adapter {name!r} is in use by the active route")
+        self._plans.clear()
+        return self._adapters.pop(name)
+
+    def get(self, name: str) -> SparseDictionaryAdapter:
+        return self._adapters[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    @contextmanager
+    def route(self, routes: Sequence[SampleRoute]) -> Iterator[None]:
+        """Route the forward passes run inside the block, one ``SampleRoute`` per sample.
+
+        The batch a processor sees may be a multiple of ``len(routes)`` (classifier-free
+        guidance stacks [negative, positive]); routes are tiled over it.
+        """
+        if self._routes is not None:
+            raise RoutingError("routes do not nest: leave the active route first")
+        if not routes:
+            raise RoutingError("give at least one route")
+        for route in routes:
+            self._check_route(route)
+        self._routes = list(routes)
+        self._plans.clear()
+        try:
+            yield
+        finally:
+            self._routes = None
+            self._plans.clear()
+
+    def _check_route(self, route: SampleRoute) -> None:
+        if route.adapter is None:
+            if route.density is not None or route.atom_mask or route.top_atoms is not None:
+                raise RoutingError("density, atom_mask and top_atoms need an adapter")
+            return
+        if route.adapter not in self._adapters:
+            raise RoutingError(f"adapter {route.adapter!r} is not resident; add it first")
+        adapter = self._adapters[route.adapter]
+        atoms = adapter.config.num_atoms
+        if route.density is not None and not 0.0 < route.density <= 1.0:
+            raise RoutingError(f"density must be in (0, 1], got {route.density}")
+        if route.top_atoms is not None:
+            if not 1 <= route.top_atoms <= atoms:
+                raise RoutingError(f"top_atoms must be in [1, {atoms}], got {route.top_atoms}")
+            missing = [b for b in adapter.blocks if b not in adapter.importance]
+            if missing:
+                raise RoutingError(f"adapter {route.adapter!r} has no atom importance for blocks {missing}")
+        for block, mask in (route.atom_mask or {}).items():
+            if adapter.layer(block) is None:
+                raise RoutingError(f"atom_mask names block {block}, which adapter {route.adapter!r} lacks")
+            if mask.dtype != torch.bool or tuple(mask.shape) != (atoms,):
+                raise RoutingError(f"atom_mask[{block}] must be a boolean tensor of shape ({atoms},)")
+
+    def plan(self, block: int, batch_size: int, device: torch.device) -> list[GroupPlan]:
+        if self._routes is None:
+            return []
+        key = (block, batch_size)
+        if key not in self._plans:
+            self._plans[key] = self._build_plan(block, batch_size, device)
+        return self._plans[key]
+
+    def _build_plan(self, block: int, batch_size: int, device: torch.device) -> list[GroupPlan]:
+        assert self._routes is not None
+        if batch_size % len(self._routes):
+            raise RoutingError(f"a batch of {batch_size} cannot be split over {len(self._routes)} routes")
+        rows_by_adapter: dict[str, list[tuple[int, SampleRoute, torch.Tensor | None]]] = {}
+        for row in range(batch_size):
+            route = self._routes[row % len(self._routes)]
+            if route.adapter is None:
+                continue
+            adapter = self._adapters[route.adapter]
+            if adapter.layer(block) is None:
+                continue
+            keep = _keep_mask(adapter, block, route)
+            if keep is not None and not bool(keep.any()):
+                continue  # every atom dropped: this row is the frozen model in this layer
+            rows_by_adapter.setdefault(route.adapter, []).append((row, route, keep))
+
+        groups = []
+        for name, entries in rows_by_adapter.items():
+            adapter = self._adapters[name]
+            config = adapter.config
+            ks = [_top_k(config, route) for _, route, _ in entries]
+            keeps = [keep for _, _, keep in entries]
+            rows = [row for row, _, _ in entries]
+            groups.append(
+                GroupPlan(
+                    layer=adapter.layer(block),  # type: ignore[arg-type]
+                    config=config,
+                    rows=None if rows == list(range(batch_size)) else torch.tensor(rows, device=device),
+                    k_per_row=None
+                    if all(k is None for k in ks)
+                    else torch.tensor([config.num_atoms if k is None else k for k in ks], device=device),
+                    keep=None
+                    if all(k is None for k in keeps)
+                    else torch.stack(
+                        [torch.ones(config.num_atoms, dtype=torch.bool) if k is None else k.cpu() for k in keeps]
+                    ).to(device),
+                )
+            )
+        return groups
+
+
+def _top_k(config: SparseDictionaryConfig, route: SampleRoute) -> int | None:
+    if route.density is not None:
+        return density_to_k(route.density, config.num_atoms)
+    return config.top_k if config.activation == "topk" else None
+
+
+def _keep_mask(adapter: SparseDictionaryAdapter, block: int, route: SampleRoute) -> torch.Tensor | None:
+    keep = None
+    if route.atom_mask and block in route.atom_mask:
+        keep = route.atom_mask[block].cpu()
+    if route.top_atoms is not None:
+        ranked = adapter.importance[block].float().topk(route.top_atoms).indices
+        top = torch.zeros(adapter.config.num_atoms, dtype=torch.bool)
+        top[ranked.cpu()] = True
+        keep = top if keep is None else keep & top
+    return keep
