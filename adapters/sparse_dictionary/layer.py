@@ -81,7 +81,8 @@ class SparseDictionaryAdapter(nn.Module):
 
     def layer(self, block: int) -> SparseDictionaryLayer | None:
         key = str(block)
-        return self.layers.get(key, None)
+        # ModuleDict has no .get()
+        return self.layers[key] if key in self.layers else None  # noqa: SIM401
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
