@@ -1,0 +1,230 @@
+"""The adapter inside attention: fused vs reference, sparsity, identity cases, per-sample routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel
+
+from adapters import (
+    AdapterConfigError,
+    AdapterHost,
+    RoutingError,
+    SampleRoute,
+    SparseDictionaryAdapter,
+    SparseDictionaryConfig,
+)
+
+ATOMS = 16
+ADDED = {"resolution": None, "aspect_ratio": None}
+
+
+def tiny_transformer(seed: int = 0, heads: int = 4) -> PixArtTransformer2DModel:
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=heads,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=8 * heads,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+
+
+@pytest.fixture()
+def transformer() -> PixArtTransformer2DModel:
+    return tiny_transformer()
+
+
+def inputs(batch: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 10, 32, generator=generator),
+        "timestep": torch.randint(0, 1000, (batch,), generator=generator),
+    }
+
+
+def forward(model: PixArtTransformer2DModel, batch_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch_inputs, added_cond_kwargs=ADDED).sample
+
+
+def trained_like(transformer: PixArtTransformer2DModel, seed: int, **config: object) -> SparseDictionaryAdapter:
+    """An adapter with random non-zero atoms, as if trained."""
+    adapter = SparseDictionaryAdapter.create(SparseDictionaryConfig(num_atoms=ATOMS, **config), transformer, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.dictionary.copy_(torch.randn(layer.dictionary.shape, generator=generator) * 0.5)
+    adapter.importance = {b: torch.rand(ATOMS, generator=generator) for b in adapter.blocks}
+    return adapter
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"activation": "topk", "density": 0.25},
+        {"activation": "relu", "threshold": 0.3},
+        {"activation": "soft_threshold", "threshold": 0.3},
+    ],
+    ids=lambda c: c["activation"],
+)
+def test_fused_path_equals_reference_path(transformer: PixArtTransformer2DModel, config: dict) -> None:
+    host = AdapterHost(transformer)
+    host.add("a", trained_like(transformer, seed=3, **config))
+    batch = inputs(2)
+    base = forward(transformer, batch)
+    with host.route([SampleRoute("a")]):
+        fused = forward(transformer, batch)
+    host.reference = True
+    with host.route([SampleRoute("a")]):
+        reference = forward(transformer, batch)
+    assert relative_error(fused, reference) < 1e-5
+    assert relative_error(fused, base) > 1e-2, "the adapter must change the output for this test to mean anything"
+
+
+def test_attaching_and_untrained_adapter_leave_base_output_unchanged(transformer: PixArtTransformer2DModel) -> None:
+    batch = inputs(2)
+    base = forward(transformer, batch)
+    host = AdapterHost(transformer)
+    assert torch.equal(forward(transformer, batch), base)
+    host.add("fresh", SparseDictionaryAdapter.create(SparseDictionaryConfig(num_atoms=ATOMS), transformer))
+    with host.route([SampleRoute("fresh")]):
+        assert relative_error(forward(transformer, batch), base) < 1e-6
+    with host.route([SampleRoute(None)]):
+        assert torch.equal(forward(transformer, batch), base)
+
+
+def test_every_atom_masked_gives_frozen_output(transformer: PixArtTransformer2DModel) -> None:
+    batch = inputs(2)
+    base = forward(transformer, batch)
+    host = AdapterHost(transformer)
+    adapter = trained_like(transformer, seed=4)
+    host.add("a", adapter)
+    drop_all = {b: torch.zeros(ATOMS, dtype=torch.bool) for b in adapter.blocks}
+    with host.route([SampleRoute("a", atom_mask=drop_all)]):
+        assert torch.equal(forward(transformer, batch), base)
+
+
+def active_atoms_per_token(host: AdapterHost, transformer: PixArtTransformer2DModel, route: SampleRoute) -> dict:
+    seen: dict[int, torch.Tensor] = {}
+    host.observer = lambda block, coefficients: seen.__setitem__(block, (coefficients != 0).sum(-1))
+    with host.route([route]):
+        forward(transformer, inputs(2))
+    host.observer = None
+    return seen
+
+
+def test_top_k_keeps_exactly_k_atoms_per_token_and_density_override_changes_k(
+    transformer: PixArtTransformer2DModel,
+) -> None:
+    host = AdapterHost(transformer)
+    host.add("a", trained_like(transformer, seed=5, density=0.25))
+    counts = active_atoms_per_token(host, transformer, SampleRoute("a"))
+    assert set(counts) == {0, 1}
+    assert all(bool((c == 4).all()) for c in counts.values())  # round(0.25 * 16)
+    counts = active_atoms_per_token(host, transformer, SampleRoute("a", density=0.5))
+    assert all(bool((c == 8).all()) for c in counts.values())
+    counts = active_atoms_per_token(host, transformer, SampleRoute("a", density=0.0625))
+    assert all(bool((c == 1).all()) for c in counts.values())
+
+
+def test_top_atoms_keeps_the_most_important(transformer: PixArtTransformer2DModel) -> None:
+    host = AdapterHost(transformer)
+    adapter = trained_like(transformer, seed=6, density=1.0)
+    host.add("a", adapter)
+    used: dict[int, torch.Tensor] = {}
+    host.observer = lambda block, c: used.__setitem__(block, (c != 0).any(dim=(0, 1)))
+    with host.route([SampleRoute("a", top_atoms=3)]):
+        forward(transformer, inputs(1))
+    for block, atoms_used in used.items():
+        expected = torch.zeros(ATOMS, dtype=torch.bool)
+        expected[adapter.importance[block].topk(3).indices] = True
+        assert torch.equal(atoms_used, expected)
+
+
+def test_mixed_batch_equals_each_sample_alone() -> None:
+    transformer = tiny_transformer()
+    host = AdapterHost(transformer)
+    host.add("x", trained_like(transformer, seed=7, density=0.25))
+    host.add("y", trained_like(transformer, seed=8, activation="relu", threshold=0.2))
+    host.add("wide", SparseDictionaryAdapter.create(SparseDictionaryConfig(num_atoms=32), transformer))
+    half = torch.arange(ATOMS) < ATOMS // 2
+    routes = [
+        SampleRoute("x"),
+        SampleRoute("y"),
+        SampleRoute(None),
+        SampleRoute("x", density=0.5),
+        SampleRoute("y", density=0.125),
+        SampleRoute("x", atom_mask={0: half}, top_atoms=10),
+        SampleRoute("wide"),
+    ]
+    batch = inputs(len(routes))
+    with host.route(routes):
+        mixed = forward(transformer, batch)
+    for row, route in enumerate(routes):
+        alone_inputs = {name: value[row : row + 1] for name, value in batch.items()}
+        with host.route([route]):
+            alone = forward(transformer, alone_inputs)
+        assert relative_error(mixed[row : row + 1], alone) < 1e-5, f"row {row} ({route})"
+
+
+def test_routes_tile_over_a_guidance_doubled_batch(transformer: PixArtTransformer2DModel) -> None:
+    host = AdapterHost(transformer)
+    host.add("x", trained_like(transformer, seed=9))
+    batch = inputs(4)
+    with host.route([SampleRoute("x"), SampleRoute(None)]):
+        tiled = forward(transformer, batch)
+    with host.route([SampleRoute("x"), SampleRoute(None), SampleRoute("x"), SampleRoute(None)]):
+        explicit = forward(transformer, batch)
+    assert torch.equal(tiled, explicit)
+
+
+def test_switching_resident_adapters_copies_no_weights(transformer: PixArtTransformer2DModel) -> None:
+    host = AdapterHost(transformer)
+    adapter = trained_like(transformer, seed=10)
+    host.add("x", adapter)
+    pointers = [p.data_ptr() for p in host.get("x").parameters()]
+    base_pointers = [p.data_ptr() for p in transformer.parameters()]
+    for route in (SampleRoute("x"), SampleRoute(None), SampleRoute("x", density=0.5)):
+        with host.route([route]):
+            forward(transformer, inputs(1))
+    assert [p.data_ptr() for p in host.get("x").parameters()] == pointers
+    assert [p.data_ptr() for p in transformer.parameters()] == base_pointers
+
+
+def test_bad_routes_and_configs_are_rejected_with_clear_messages(transformer: PixArtTransformer2DModel) -> None:
+    host = AdapterHost(transformer)
+    host.add("x", trained_like(transformer, seed=11))
+    cases = [
+        (SampleRoute("missing"), "not resident"),
+        (SampleRoute("x", density=1.5), "density"),
+        (SampleRoute("x", top_atoms=0), "top_atoms"),
+        (SampleRoute("x", atom_mask={5: torch.ones(ATOMS, dtype=torch.bool)}), "block 5"),
+        (SampleRoute("x", atom_mask={0: torch.ones(3, dtype=torch.bool)}), "shape"),
+        (SampleRoute(None, density=0.5), "need an adapter"),
+    ]
+    for route, message in cases:
+        with pytest.raises(RoutingError, match=message), host.route([route]):
+            pass
+    with pytest.raises(AdapterConfigError, match="multiple of"):
+        SparseDictionaryAdapter.create(SparseDictionaryConfig(num_atoms=18), transformer)
+    with pytest.raises(AdapterConfigError, match="density"):
+        SparseDictionaryConfig(density=0).validate()
+    other = SparseDictionaryAdapter.create(SparseDictionaryConfig(num_atoms=ATOMS), tiny_transformer(heads=2))
+    with pytest.raises(RoutingError, match="made for base"):
+        host.add("other", other)
