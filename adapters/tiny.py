@@ -107,8 +107,8 @@ _SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
 _METASPACE = "▁"
 
 #: Built-in English caption corpus. It covers the synthetic "shapes world" of the benchmarks
-#: (colours, shapes, backgrounds, "a photo of ..."), a few generic subjects and styles, and the rare
-#: DreamBooth-style identifier "sks". Only word frequencies are used.
+#: (colours, shapes, backgrounds, "a photo of ...", both "grey" and "gray"), a few generic subjects and
+#: styles, and the rare DreamBooth-style identifier "sks". Only word frequencies are used.
 TINY_CORPUS: str = """
 a photo of a red circle on a white background
 a photo of a green square on a black background
@@ -121,6 +121,8 @@ a photo of a white cross on a purple background
 a photo of a black ring on an orange background
 a photo of a brown cube on a pink background
 a photo of a grey sphere on a brown background
+a red star on a gray background
+a striped purple heart on a gray background
 a photo of a cyan cone on a white background
 a photo of a magenta cylinder on a black background
 a photo of a gold spiral on a dark background
