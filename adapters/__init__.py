@@ -1,5 +1,6 @@
 """The sparse dictionary adapter engine: knows PyTorch and diffusers, nothing of HTTP or Celery."""
 
+from adapters.persistence import AdapterFormatError, load_adapter, save_adapter
 from adapters.sparse_dictionary import (
     AdapterConfigError,
     AdapterHost,
@@ -12,10 +13,13 @@ from adapters.sparse_dictionary import (
 
 __all__ = [
     "AdapterConfigError",
+    "AdapterFormatError",
     "AdapterHost",
     "RoutingError",
     "SampleRoute",
     "SparseDictionaryAdapter",
     "SparseDictionaryConfig",
     "base_fingerprint",
+    "load_adapter",
+    "save_adapter",
 ]
