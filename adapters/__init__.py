@@ -10,8 +10,19 @@ from adapters.sparse_dictionary import (
     SparseDictionaryConfig,
     base_fingerprint,
 )
+from adapters.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline, save_tiny_pipeline
+from adapters.training import (
+    BASELINE_METHODS,
+    TrainingCancelled,
+    TrainingConfig,
+    TrainingResult,
+    train_adapter,
+    train_baseline,
+)
 
 __all__ = [
+    "BASELINE_METHODS",
+    "TINY_MAX_SEQUENCE_LENGTH",
     "AdapterConfigError",
     "AdapterFormatError",
     "AdapterHost",
@@ -19,7 +30,14 @@ __all__ = [
     "SampleRoute",
     "SparseDictionaryAdapter",
     "SparseDictionaryConfig",
+    "TrainingCancelled",
+    "TrainingConfig",
+    "TrainingResult",
     "base_fingerprint",
+    "build_tiny_pipeline",
     "load_adapter",
     "save_adapter",
+    "save_tiny_pipeline",
+    "train_adapter",
+    "train_baseline",
 ]

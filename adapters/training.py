@@ -1,0 +1,319 @@
+"""DreamBooth-style fine-tuning of one concept, for our adapter and for the PEFT baselines.
+
+The recipe is the PixArt-Σ authors' (``train_pixart_lora_hf.py``): images VAE-encoded once,
+the prompt encoded once, DDPM noise, epsilon target, MSE on the first half of the output
+channels (the transformer also predicts its learned sigma), AdamW. Every method runs through
+``_fit`` so that comparisons differ only in what is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, PixArtSigmaPipeline
+from PIL import Image
+from torch import nn
+
+from adapters.importance import compute_atom_importance
+from adapters.sparse_dictionary import AdapterHost, SampleRoute, SparseDictionaryAdapter, SparseDictionaryConfig
+
+BaselineMethod = Literal["lora", "dora", "oft"]
+BASELINE_METHODS: tuple[str, ...] = ("lora", "dora", "oft")
+ProgressCallback = Callable[[int, int, float], None]
+StopCheck = Callable[[], bool]
+# Attention projections PEFT adapts in the baselines (self- and cross-attention alike).
+PEFT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class TrainingCancelled(RuntimeError):
+    """``should_stop`` asked the loop to stop; raised between steps, never mid-step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training cancelled after step {step}")
+        self.step = step
+
+
+@dataclass
+class TrainingConfig:
+    """How to fine-tune; the defaults follow the paper (AdamW, lr 1e-4)."""
+
+    steps: int = 400
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    """Images per optimisation step, drawn with replacement from the concept images."""
+    seed: int = 0
+    """Seeds the adapter's initialisation, the image order, the noise and the timesteps."""
+    resolution: int | None = None
+    """Training image side in pixels; ``None`` uses the base model's native size."""
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast dtype for the forward pass; weights stay float32. Meant for GPUs."""
+    gradient_checkpointing: bool = False
+    max_sequence_length: int = 120
+    importance_probes: int = 8
+    """Timesteps per training image at which atom importance is measured after training."""
+
+    def validate(self) -> None:
+        if not 1 <= self.steps <= 100_000:
+            raise ValueError(f"steps must be in [1, 100000], got {self.steps}")
+        if not 0.0 < self.learning_rate <= 1.0:
+            raise ValueError(f"learning_rate must be in (0, 1], got {self.learning_rate}")
+        if not 1 <= self.batch_size <= 64:
+            raise ValueError(f"batch_size must be in [1, 64], got {self.batch_size}")
+        if self.resolution is not None and not 8 <= self.resolution <= 4096:
+            raise ValueError(f"resolution must be in [8, 4096], got {self.resolution}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.importance_probes < 1:
+            raise ValueError("importance_probes must be at least 1")
+
+
+@dataclass
+class ConceptData:
+    """A concept's training data, encoded once: VAE latents and the prompt's T5 embedding."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+
+
+@dataclass
+class TrainingResult:
+    adapter: SparseDictionaryAdapter
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class BaselineResult:
+    model: nn.Module
+    """The PEFT-wrapped transformer (it wraps, and so modifies, the transformer it was given)."""
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def native_resolution(pipeline: PixArtSigmaPipeline) -> int:
+    return int(pipeline.transformer.config.sample_size) * int(pipeline.vae_scale_factor)
+
+
+def encode_concept(
+    pipeline: PixArtSigmaPipeline,
+    images: Sequence[Image.Image],
+    prompt: str,
+    resolution: int,
+    max_sequence_length: int,
+    generator: torch.Generator,
+) -> ConceptData:
+    """VAE-encode the images and T5-encode the prompt once, as the training recipe does."""
+    if not images:
+        raise ValueError("give at least one training image")
+    if not prompt.strip():
+        raise ValueError("the prompt must name the concept")
+    device = pipeline.transformer.device
+    pixels = torch.stack([_to_pixels(image, resolution) for image in images]).to(device, pipeline.vae.dtype)
+    with torch.no_grad():
+        distribution = pipeline.vae.encode(pixels).latent_dist
+        noise = torch.randn(distribution.mean.shape, generator=generator).to(device, distribution.mean.dtype)
+        latents = (distribution.mean + distribution.std * noise) * pipeline.vae.config.scaling_factor
+        embeds, mask, _, _ = pipeline.encode_prompt(
+            prompt,
+            do_classifier_free_guidance=False,
+            device=device,
+            clean_caption=False,
+            max_sequence_length=max_sequence_length,
+        )
+    return ConceptData(latents.float(), embeds, mask)
+
+
+def _to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Center-crop to a square, resize, scale to [-1, 1], channels first."""
+    image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def train_adapter(
+    pipeline: PixArtSigmaPipeline,
+    host: AdapterHost,
+    images: Sequence[Image.Image],
+    prompt: str,
+    adapter_config: SparseDictionaryConfig,
+    config: TrainingConfig,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> TrainingResult:
+    """Learn a sparse dictionary adapter for the concept; only W_s and D train.
+
+    The adapter is resident in ``host`` only while it trains; the returned adapter carries
+    its atom importance, measured on the training images at ``config.importance_probes``
+    timesteps each.
+    """
+    config.validate()
+    adapter = SparseDictionaryAdapter.create(adapter_config, pipeline.transformer, seed=config.seed)
+    name = f"__training_{id(adapter)}"
+    host.add(name, adapter)
+    try:
+        generator = torch.Generator().manual_seed(config.seed)
+        data = encode_concept(
+            pipeline,
+            images,
+            prompt,
+            config.resolution or native_resolution(pipeline),
+            config.max_sequence_length,
+            generator,
+        )
+        adapter.float().train()
+        with host.route([SampleRoute(name)]):
+            losses, seconds = _fit(
+                pipeline, list(adapter.parameters()), data, config, generator, on_progress, should_stop
+            )
+            adapter.eval()
+            adapter.importance = compute_atom_importance(
+                pipeline.transformer,
+                host,
+                adapter,
+                data.latents,
+                data.prompt_embeds,
+                data.prompt_attention_mask,
+                config.importance_probes,
+            )
+        adapter.to(adapter_config.torch_dtype)
+    finally:
+        host.remove(name)
+    return TrainingResult(adapter, losses, seconds)
+
+
+def train_baseline(
+    pipeline: PixArtSigmaPipeline,
+    images: Sequence[Image.Image],
+    prompt: str,
+    method: BaselineMethod,
+    config: TrainingConfig,
+    on_progress: ProgressCallback | None = None,
+    should_stop: StopCheck | None = None,
+) -> BaselineResult:
+    """Fine-tune a PEFT baseline (LoRA r=16, DoRA r=16 or OFT r=4) with the same loop.
+
+    PEFT wraps ``pipeline.transformer`` in place, so give it a pipeline whose transformer
+    no other adapter is using.
+    """
+    config.validate()
+    model = peft_wrap(pipeline.transformer, method, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = encode_concept(
+        pipeline,
+        images,
+        prompt,
+        config.resolution or native_resolution(pipeline),
+        config.max_sequence_length,
+        generator,
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses, seconds = _fit(pipeline, trainable, data, config, generator, on_progress, should_stop)
+    return BaselineResult(model, losses, seconds)
+
+
+def peft_wrap(transformer: nn.Module, method: str, seed: int = 0) -> nn.Module:
+    """Inject a PEFT baseline into ``transformer`` with the paper's ranks."""
+    from peft import LoraConfig, OFTConfig, get_peft_model
+
+    if method not in BASELINE_METHODS:
+        raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}")
+    if method == "oft":
+        peft_config = OFTConfig(r=4, oft_block_size=0, target_modules=PEFT_TARGET_MODULES)
+    else:
+        peft_config = LoraConfig(r=16, lora_alpha=16, target_modules=PEFT_TARGET_MODULES, use_dora=method == "dora")
+    torch.manual_seed(seed)  # PEFT draws its initial weights from the global generator
+    return get_peft_model(transformer, peft_config)
+
+
+def _fit(
+    pipeline: PixArtSigmaPipeline,
+    parameters: list[nn.Parameter],
+    data: ConceptData,
+    config: TrainingConfig,
+    generator: torch.Generator,
+    on_progress: ProgressCallback | None,
+    should_stop: StopCheck | None,
+) -> tuple[list[float], float]:
+    transformer = pipeline.transformer
+    transformer.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    device = data.latents.device
+    count = data.latents.shape[0]
+    losses: list[float] = []
+    started = time.perf_counter()
+    with _gradient_checkpointing(transformer, config.gradient_checkpointing):
+        for step in range(1, config.steps + 1):
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(step - 1)
+            picks = torch.randint(0, count, (config.batch_size,), generator=generator)
+            latents = data.latents[picks.to(device)]
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(
+                0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
+            )
+            noisy = scheduler.add_noise(latents, noise, timesteps).to(device)
+            with _autocast(device, config.mixed_precision):
+                prediction = _predict_noise(transformer, noisy, timesteps.to(device), data, config.batch_size)
+            loss = F.mse_loss(prediction.float(), noise.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+            losses.append(loss.item())
+            if on_progress is not None:
+                on_progress(step, config.steps, losses[-1])
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return losses, time.perf_counter() - started
+
+
+def _predict_noise(
+    transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, data: ConceptData, batch: int
+) -> torch.Tensor:
+    dtype = next(transformer.parameters()).dtype
+    output = transformer(
+        noisy.to(dtype),
+        encoder_hidden_states=data.prompt_embeds.expand(batch, -1, -1),
+        encoder_attention_mask=data.prompt_attention_mask.expand(batch, -1),
+        timestep=timesteps,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    ).sample
+    # The transformer predicts [epsilon, learned sigma]; only epsilon is trained.
+    if output.shape[1] == 2 * noisy.shape[1]:
+        output = output.chunk(2, dim=1)[0]
+    return output
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(transformer: nn.Module, enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    transformer.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        transformer.disable_gradient_checkpointing()
+
+
+def _autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager[None]:
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

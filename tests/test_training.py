@@ -1,0 +1,149 @@
+"""Fine-tuning a concept on the tiny pipeline: ours and the PEFT baselines through one loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PixArtSigmaPipeline
+from PIL import Image
+
+from adapters import (
+    TINY_MAX_SEQUENCE_LENGTH,
+    AdapterHost,
+    SampleRoute,
+    SparseDictionaryConfig,
+    TrainingCancelled,
+    TrainingConfig,
+    build_tiny_pipeline,
+    train_adapter,
+    train_baseline,
+)
+
+PROMPT = "a photo of sks"
+
+
+def concept_images(count: int = 4) -> list[Image.Image]:
+    """A red, noisy square patch: a concept far from what the random tiny model draws."""
+    images = []
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        array = np.full((64, 64, 3), (30, 30, 30), dtype=np.float64)
+        array[16:48, 16:48] = (220, 30, 30)
+        array += rng.normal(0, 10, array.shape)
+        images.append(Image.fromarray(array.clip(0, 255).astype(np.uint8)))
+    return images
+
+
+def training_config(steps: int, **overrides: object) -> TrainingConfig:
+    values = {"steps": steps, "learning_rate": 1e-2, "max_sequence_length": TINY_MAX_SEQUENCE_LENGTH}
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def generate(pipeline: PixArtSigmaPipeline, host: AdapterHost, route: SampleRoute | None) -> np.ndarray:
+    kwargs = {
+        "num_inference_steps": 3,
+        "use_resolution_binning": False,
+        "max_sequence_length": TINY_MAX_SEQUENCE_LENGTH,
+        "clean_caption": False,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(0),
+    }
+    if route is None:
+        return pipeline(PROMPT, **kwargs).images
+    with host.route([route]):
+        return pipeline(PROMPT, **kwargs).images
+
+
+def test_training_lowers_loss_and_changes_images_but_not_the_base() -> None:
+    pipeline = build_tiny_pipeline(seed=0)
+    host = AdapterHost(pipeline.transformer)
+    base_weights = {k: v.clone() for k, v in pipeline.transformer.state_dict().items()}
+    base_before = generate(pipeline, host, None)
+    progress: list[tuple[int, int, float]] = []
+
+    result = train_adapter(
+        pipeline,
+        host,
+        concept_images(),
+        PROMPT,
+        SparseDictionaryConfig(num_atoms=16, density=0.25),
+        training_config(60),
+        on_progress=lambda step, total, loss: progress.append((step, total, loss)),
+    )
+
+    assert np.mean(result.losses[-15:]) < 0.9 * np.mean(result.losses[:15])
+    assert [p[0] for p in progress] == list(range(1, 61)) and all(p[1] == 60 for p in progress)
+    assert host.names() == [], "the adapter is resident only while it trains"
+    assert set(result.adapter.importance) == set(result.adapter.blocks)
+    assert all(bool((v >= 0).all()) and float(v.sum()) > 0 for v in result.adapter.importance.values())
+    for key, value in pipeline.transformer.state_dict().items():
+        assert torch.equal(value, base_weights[key]), f"base weight {key} changed"
+
+    host.add("concept", result.adapter)
+    adapted = generate(pipeline, host, SampleRoute("concept"))
+    sparser = generate(pipeline, host, SampleRoute("concept", density=1 / 16))
+    base_after = generate(pipeline, host, None)
+    assert np.array_equal(base_before, base_after)
+    assert np.abs(adapted - base_after).mean() > 1e-2
+    assert np.abs(adapted - sparser).mean() > 1e-3
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    pipeline = build_tiny_pipeline(seed=0)
+    host = AdapterHost(pipeline.transformer)
+    config = SparseDictionaryConfig(num_atoms=16, density=0.25)
+    first = train_adapter(pipeline, host, concept_images(2), PROMPT, config, training_config(4, seed=3))
+    second = train_adapter(pipeline, host, concept_images(2), PROMPT, config, training_config(4, seed=3))
+    other = train_adapter(pipeline, host, concept_images(2), PROMPT, config, training_config(4, seed=4))
+    assert first.losses == second.losses
+    for a, b in zip(first.adapter.parameters(), second.adapter.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert first.losses != other.losses
+
+
+def test_training_stops_between_steps_when_asked() -> None:
+    pipeline = build_tiny_pipeline(seed=0)
+    host = AdapterHost(pipeline.transformer)
+    seen: list[int] = []
+    with pytest.raises(TrainingCancelled) as cancelled:
+        train_adapter(
+            pipeline,
+            host,
+            concept_images(2),
+            PROMPT,
+            SparseDictionaryConfig(num_atoms=16),
+            training_config(50),
+            on_progress=lambda step, total, loss: seen.append(step),
+            should_stop=lambda: len(seen) >= 3,
+        )
+    assert cancelled.value.step == 3 and seen == [1, 2, 3]
+    assert host.names() == []
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "oft"])
+def test_peft_baselines_train_through_the_same_loop(method: str) -> None:
+    pipeline = build_tiny_pipeline(seed=0)
+    base_weights = {k: v.clone() for k, v in pipeline.transformer.state_dict().items()}
+    result = train_baseline(pipeline, concept_images(2), PROMPT, method, training_config(8, learning_rate=1e-3))
+    assert len(result.losses) == 8 and all(np.isfinite(result.losses))
+    changed = [
+        name
+        for name, value in result.model.named_parameters()
+        if name.replace("base_model.model.", "") in base_weights
+        and not torch.equal(value, base_weights[name.replace("base_model.model.", "")])
+    ]
+    assert changed == [], f"{method} changed frozen weights: {changed[:3]}"
+    adapter_names = [n for n, _ in result.model.named_parameters() if "lora_" in n or "oft_" in n]
+    assert adapter_names, f"{method} injected no adapter parameters"
+
+
+def test_bad_training_configs_are_rejected() -> None:
+    for config, message in [
+        (TrainingConfig(steps=0), "steps"),
+        (TrainingConfig(learning_rate=0), "learning_rate"),
+        (TrainingConfig(resolution=4), "resolution"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            config.validate()
