@@ -1,0 +1,65 @@
+"""Dependencies of the routes: the process's services, the calling tenant, and owned objects."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.catalog import AdapterRecord
+from service.context import Services
+from service.errors import ApiError, not_found
+from service.ids import is_valid_id
+from service.jobs import Job
+from service.tenants import Tenant
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `atomtune tenant create`")
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def current_tenant(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Tenant:
+    if credentials is None:
+        raise ApiError(
+            401, "unauthenticated", "send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE
+        )
+    tenant = services.tenants.authenticate(credentials.credentials)
+    if tenant is None:
+        raise ApiError(401, "unauthenticated", "the API key is unknown or revoked", headers=_CHALLENGE)
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def owned_job(job_id: str, tenant: TenantDep, services: ServicesDep) -> Job:
+    job = services.jobs.get(job_id) if is_valid_id(job_id) else None
+    if job is None or job.tenant_id != tenant.id:
+        raise not_found("job", job_id)
+    return job
+
+
+def owned_adapter(adapter_id: str, tenant: TenantDep, services: ServicesDep) -> AdapterRecord:
+    record = services.catalog.get(adapter_id) if is_valid_id(adapter_id) else None
+    if record is None or record.tenant_id != tenant.id:
+        raise not_found("adapter", adapter_id)
+    return record
+
+
+JobDep = Annotated[Job, Depends(owned_job)]
+AdapterDep = Annotated[AdapterRecord, Depends(owned_adapter)]
+
+
+def check_job_quota(services: Services, tenant: Tenant) -> None:
+    limit = services.settings.max_active_jobs_per_tenant
+    if services.jobs.active_count(tenant.id) >= limit:
+        raise ApiError(
+            429, "too_many_jobs", f"you have {limit} jobs queued or running; wait for some to finish or cancel them"
+        )

@@ -1,0 +1,55 @@
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from fastapi.responses import FileResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from service.api.deps import JobDep, ServicesDep
+from service.api.schemas import ErrorResponse, JobOut, Progress
+from service.errors import ApiError, not_found
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409)}
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+def get_job(job: JobDep) -> JobOut:
+    """Status, progress, timestamps, error and result of a job."""
+    return JobOut.of(job)
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobOut, responses=ERRORS)
+def cancel_job(job: JobDep, services: ServicesDep) -> JobOut:
+    """Cancel: a queued job never runs; a running one stops at its next step."""
+    outcome = services.jobs.cancel(job.id)
+    if outcome not in ("cancelled", "cancelling"):
+        raise ApiError(409, "job_finished", f"job '{job.id}' already {outcome}; there is nothing to cancel")
+    current = services.jobs.get(job.id)
+    assert current is not None
+    return JobOut.of(current)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+async def job_events(job: JobDep, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events: `status` (the whole job) on every change, `progress` on every step; ends with the job."""
+    async for event in services.watcher.events(job.id):
+        if event.kind == "status" and event.job is not None:
+            yield ServerSentEvent(event="status", data=JobOut.of(event.job).model_dump(mode="json"))
+        elif event.kind == "progress" and event.progress is not None:
+            yield ServerSentEvent(event="progress", data=Progress(**event.progress).model_dump())
+        else:
+            yield ServerSentEvent(comment="keep-alive")
+
+
+@router.get(
+    "/{job_id}/images/{index}",
+    response_class=FileResponse,
+    responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+)
+def get_image(job: JobDep, services: ServicesDep, index: Annotated[int, Path(ge=0)]) -> FileResponse:
+    """One generated PNG (only the job's owner sees it)."""
+    count = (job.result or {}).get("images") or 0
+    if job.kind != "generate" or job.status != "succeeded" or index >= count:
+        raise not_found("image", f"{job.id}/images/{index}")
+    return FileResponse(services.storage.output_image(job.tenant_id, job.id, index), media_type="image/png")

@@ -1,0 +1,192 @@
+"""Request and response bodies. Bounds here are the documented limits of the API."""
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.catalog import AdapterRecord, AdapterSource, AdapterStatus
+from service.jobs import Job, JobKind, JobStatus
+
+MAX_SEED = 2**32 - 1
+Activation = Literal["topk", "relu", "soft_threshold"]
+
+
+def _time(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class TrainingForm(BaseModel):
+    """The form fields of ``POST /v1/adapters`` besides the images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=1000, description="Names the concept, e.g. 'a photo of sks dog'")
+    atoms: int = Field(default=256, ge=8, le=1024, description="Dictionary atoms per layer (M)")
+    density: float = Field(default=0.04, gt=0, le=1, description="Fraction of atoms a token uses (k/M)")
+    activation: Activation = "topk"
+    steps: int = Field(default=500, ge=1, le=5000)
+    learning_rate: float = Field(default=1e-4, gt=0, le=0.1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
+    resolution: int | None = Field(
+        default=None, ge=16, le=4096, description="Training size in pixels; the base model's own when omitted"
+    )
+
+
+class AdapterCreated(BaseModel):
+    adapter_id: str
+    job_id: str
+
+
+class AdapterOut(BaseModel):
+    id: str
+    status: AdapterStatus
+    prompt: str
+    source: AdapterSource
+    job_id: str | None
+    config: dict[str, Any] = Field(description="The engine's adapter configuration")
+    training: dict[str, Any] | None = Field(description="Training parameters (trained adapters)")
+    metrics: dict[str, Any] | None = Field(description="Training metrics once ready: losses, seconds")
+    layers: list[int] | None = Field(description="The transformer blocks the adapter modifies")
+    created_at: datetime
+    ready_at: datetime | None
+
+    @classmethod
+    def of(cls, record: AdapterRecord, job: Job | None) -> "AdapterOut":
+        return cls(
+            id=record.id,
+            status=record.status(job),
+            prompt=record.prompt,
+            source=record.source,
+            job_id=record.job_id,
+            config=record.config,
+            training=record.training,
+            metrics=record.metrics,
+            layers=record.layers,
+            created_at=_time(record.created_at),  # type: ignore[arg-type]
+            ready_at=_time(record.ready_at),
+        )
+
+
+class AdapterPage(BaseModel):
+    items: list[AdapterOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last")
+
+
+class AtomScore(BaseModel):
+    atom: int
+    importance: float
+
+
+class LayerAtoms(BaseModel):
+    layer: int
+    atoms: list[AtomScore] = Field(description="Most important first")
+
+
+class AtomsOut(BaseModel):
+    adapter_id: str
+    layers: list[LayerAtoms]
+
+
+class AtomMask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["keep", "drop"] = Field(description="Keep only the listed atoms, or drop them")
+    layers: dict[int, list[int]] = Field(
+        min_length=1, description="Layer (block index) -> atom indices; layers not named stay whole"
+    )
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=1000)
+    negative_prompt: str = Field(default="", max_length=1000)
+    adapter_id: str | None = None
+    density: float | None = Field(default=None, gt=0, le=1, description="Overrides the adapter's density")
+    atom_mask: AtomMask | None = None
+    top_atoms: int | None = Field(default=None, ge=1, description="Keep the K most important atoms per layer")
+    num_images: int = Field(default=1, ge=1, le=4)
+    steps: int = Field(default=20, ge=1, le=100)
+    guidance_scale: float = Field(default=4.5, ge=0, le=20)
+    width: int | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
+    height: int | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    loss: float | None = None
+
+
+class JobResult(BaseModel):
+    adapter_id: str | None = Field(default=None, description="Fine-tuning: the trained adapter")
+    images: list[str] | None = Field(default=None, description="Generation: URLs of the PNGs")
+    seed: int | None = None
+    adapter_tier: Literal["device", "host", "storage"] | None = Field(
+        default=None, description="Generation: the cache tier the adapter was found in"
+    )
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    adapter_id: str | None
+    progress: Progress
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested: bool
+    attempts: int
+    error: ErrorInfo | None
+    result: JobResult | None
+
+    @classmethod
+    def of(cls, job: Job) -> "JobOut":
+        result = None
+        if job.result is not None:
+            count = job.result.get("images")
+            result = JobResult(
+                adapter_id=job.result.get("adapter_id"),
+                images=[f"/v1/jobs/{job.id}/images/{n}" for n in range(count)] if count else None,
+                seed=job.result.get("seed"),
+                adapter_tier=job.result.get("adapter_tier"),
+            )
+        error = None
+        if job.error_code:
+            error = ErrorInfo(code=job.error_code, message=job.error_message or "")
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            adapter_id=job.adapter_id,
+            progress=Progress(step=job.step, total=job.total, loss=job.loss),
+            queued_at=_time(job.queued_at),  # type: ignore[arg-type]
+            started_at=_time(job.started_at),
+            finished_at=_time(job.finished_at),
+            cancel_requested=job.cancel_requested,
+            attempts=job.attempts,
+            error=error,
+            result=result,
+        )
+
+
+class GenerationAccepted(BaseModel):
+    job_id: str
+    job: JobOut | None = Field(description="The finished job when `wait` was given and it ended in time")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready"]
+    workers: int | None = None

@@ -1,0 +1,50 @@
+"""The gateway: ``create_app(settings)`` builds the FastAPI application (``uvicorn --factory``)."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.api import adapters, generations, health, jobs
+from service.context import Services
+from service.errors import error_body, install_error_handlers
+from service.settings import Settings, get_settings
+
+DESCRIPTION = """Fine-tune sparse dictionary adapters on a shared frozen PixArt-Σ and generate with them.
+
+Every error answers `{"error": {"code", "message"}}`; the message says what to fix."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services.build(settings)
+        app.state.services = services
+        yield
+        await services.close()
+
+    app = FastAPI(
+        title="atomtune",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # FastAPI sets no body limit by itself; this bounds every request, uploads included.
+        max_body_size=settings.max_request_bytes,
+    )
+    install_error_handlers(app)
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body("unavailable", "the job queue (Redis) is unavailable; retry later"), 503)
+
+    for error in (RedisConnectionError, RedisTimeoutError, OperationalError):
+        app.add_exception_handler(error, unavailable)
+
+    for module in (health, adapters, generations, jobs):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,122 @@
+"""Adapter records in Redis, listed per tenant in creation order (ULIDs sort by time)."""
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from service.jobs import Job
+from service.redis_db import adapter_key, tenant_adapters_key
+
+AdapterSource = Literal["trained", "imported"]
+AdapterStatus = Literal["queued", "training", "ready", "failed", "cancelled"]
+
+_STATUS_FROM_JOB: dict[str, AdapterStatus] = {
+    "queued": "queued",
+    "running": "training",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    # The worker marks the adapter ready before it marks the job succeeded.
+    "succeeded": "ready",
+}
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    id: str
+    tenant_id: str
+    prompt: str
+    source: AdapterSource
+    job_id: str | None
+    config: dict[str, Any]
+    training: dict[str, Any] | None
+    created_at: float
+    ready_at: float | None
+    metrics: dict[str, Any] | None
+    layers: list[int] | None
+
+    def status(self, job: Job | None) -> AdapterStatus:
+        if self.ready_at is not None:
+            return "ready"
+        if job is None:
+            return "failed"
+        return _STATUS_FROM_JOB[job.status]
+
+
+def _json_or_none(value: str | None) -> Any:
+    return json.loads(value) if value else None
+
+
+class AdapterCatalog:
+    def __init__(self, db: redis.Redis) -> None:
+        self.db = db
+
+    def create(
+        self,
+        adapter_id: str,
+        tenant_id: str,
+        prompt: str,
+        source: AdapterSource,
+        config: dict[str, Any],
+        training: dict[str, Any] | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        fields = {
+            "tenant_id": tenant_id,
+            "prompt": prompt,
+            "source": source,
+            "job_id": job_id or "",
+            "config": json.dumps(config),
+            "training": json.dumps(training) if training is not None else "",
+            "created_at": time.time(),
+        }
+        with self.db.pipeline(transaction=True) as pipe:
+            pipe.hset(adapter_key(adapter_id), mapping=fields)
+            pipe.zadd(tenant_adapters_key(tenant_id), {adapter_id: 0})
+            pipe.execute()
+
+    def get(self, adapter_id: str) -> AdapterRecord | None:
+        data = self.db.hgetall(adapter_key(adapter_id))
+        if not data:
+            return None
+        return AdapterRecord(
+            id=adapter_id,
+            tenant_id=data["tenant_id"],
+            prompt=data["prompt"],
+            source=data["source"],  # type: ignore[arg-type]
+            job_id=data.get("job_id") or None,
+            config=json.loads(data["config"]),
+            training=_json_or_none(data.get("training")),
+            created_at=float(data["created_at"]),
+            ready_at=float(data["ready_at"]) if data.get("ready_at") else None,
+            metrics=_json_or_none(data.get("metrics")),
+            layers=_json_or_none(data.get("layers")),
+        )
+
+    def mark_ready(self, adapter_id: str, config: dict[str, Any], layers: list[int], metrics: dict[str, Any]) -> bool:
+        """Returns False if the adapter was deleted meanwhile (the caller then discards its files)."""
+        if not self.db.exists(adapter_key(adapter_id)):
+            return False
+        self.db.hset(
+            adapter_key(adapter_id),
+            mapping={
+                "config": json.dumps(config),
+                "layers": json.dumps(layers),
+                "metrics": json.dumps(metrics),
+                "ready_at": time.time(),
+            },
+        )
+        return True
+
+    def page(self, tenant_id: str, limit: int, before: str | None) -> list[str]:
+        """Ids, newest first, strictly older than ``before`` when given."""
+        upper = f"({before}" if before else "+"
+        return list(self.db.zrevrangebylex(tenant_adapters_key(tenant_id), upper, "-", start=0, num=limit))
+
+    def delete(self, adapter_id: str, tenant_id: str) -> None:
+        with self.db.pipeline(transaction=True) as pipe:
+            pipe.delete(adapter_key(adapter_id))
+            pipe.zrem(tenant_adapters_key(tenant_id), adapter_id)
+            pipe.execute()

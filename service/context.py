@@ -1,0 +1,48 @@
+"""What a gateway process holds for its lifetime, built once from the settings."""
+
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+
+from service.catalog import AdapterCatalog
+from service.jobs import JobStore, JobWatcher
+from service.queue import make_celery
+from service.redis_db import connect, connect_async
+from service.settings import Settings
+from service.storage import Storage
+from service.tenants import TenantStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: redis.Redis
+    adb: aioredis.Redis
+    tenants: TenantStore
+    jobs: JobStore
+    watcher: JobWatcher
+    catalog: AdapterCatalog
+    storage: Storage
+    celery: Celery
+
+    @classmethod
+    def build(cls, settings: Settings) -> "Services":
+        db = connect(settings.redis_url)
+        adb = connect_async(settings.redis_url)
+        return cls(
+            settings=settings,
+            db=db,
+            adb=adb,
+            tenants=TenantStore(db),
+            jobs=JobStore(db),
+            watcher=JobWatcher(adb),
+            catalog=AdapterCatalog(db),
+            storage=Storage(settings.data_dir),
+            celery=make_celery(settings),
+        )
+
+    async def close(self) -> None:
+        await self.adb.aclose()
+        self.db.close()

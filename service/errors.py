@@ -1,0 +1,69 @@
+"""The one error shape of the API: ``{"error": {"code", "message"}}``, the message saying what to fix."""
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def not_found(kind: str, object_id: str) -> ApiError:
+    # Also the answer for another tenant's object, so that ids cannot be probed.
+    return ApiError(404, "not_found", f"{kind} '{object_id}' does not exist; check the id")
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message)
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _format_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        # Drop the "body"/"query" prefix: users know fields, not FastAPI's locations.
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        where = ".".join(loc) or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "the request is invalid"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        phrase = HTTPStatus(exc.status_code).phrase
+        code = phrase.lower().replace(" ", "_").replace("-", "_")
+        message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else phrase
+        if exc.status_code == 404:
+            message = "no such route; see /docs for the API"
+        elif exc.status_code == 413:
+            message = "the request body is too large; send fewer or smaller files"
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse(error_body("invalid_request", _format_validation(exc)), status_code=422)
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body("internal", "internal error; retry later"), status_code=500)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)

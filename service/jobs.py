@@ -1,0 +1,331 @@
+"""Job state in Redis: one hash per job, an event stream per job, and atomic state transitions.
+
+Every transition is a Lua script so that the gateway (cancel) and a worker (claim, progress,
+finish) can never interleave into an impossible state. A job's ``attempts`` counter fences off a
+worker whose delivery was superseded by a redelivery: its progress and result are ignored.
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+import redis.asyncio as aioredis
+
+from service.redis_db import job_events_key, job_key, tenant_active_jobs_key
+
+JobKind = Literal["finetune", "generate"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+EVENTS_MAXLEN = 1000
+FINISHED_EVENTS_TTL_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    tenant_id: str
+    kind: JobKind
+    status: JobStatus
+    params: dict[str, Any]
+    adapter_id: str | None
+    step: int
+    total: int
+    loss: float | None
+    queued_at: float
+    started_at: float | None
+    finished_at: float | None
+    error_code: str | None
+    error_message: str | None
+    result: dict[str, Any] | None
+    attempts: int
+    worker_pid: int | None
+    cancel_requested: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def _opt_float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def parse_job(job_id: str, data: dict[str, str]) -> Job:
+    return Job(
+        id=job_id,
+        tenant_id=data["tenant_id"],
+        kind=data["kind"],  # type: ignore[arg-type]
+        status=data["status"],  # type: ignore[arg-type]
+        params=json.loads(data.get("params") or "{}"),
+        adapter_id=data.get("adapter_id") or None,
+        step=int(data.get("step") or 0),
+        total=int(data.get("total") or 0),
+        loss=_opt_float(data.get("loss")),
+        queued_at=float(data["queued_at"]),
+        started_at=_opt_float(data.get("started_at")),
+        finished_at=_opt_float(data.get("finished_at")),
+        error_code=data.get("error_code") or None,
+        error_message=data.get("error_message") or None,
+        result=json.loads(data["result"]) if data.get("result") else None,
+        attempts=int(data.get("attempts") or 0),
+        worker_pid=int(data["worker_pid"]) if data.get("worker_pid") else None,
+        cancel_requested=data.get("cancel_requested") == "1",
+    )
+
+
+# KEYS: job hash, events stream, tenant's active-job set. ARGV[1] = now, ARGV[2] = job id.
+_TERMINATE = f"""
+local function terminate(status, code, message)
+  redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
+  if code and code ~= '' then
+    redis.call('HSET', KEYS[1], 'error_code', code, 'error_message', message)
+  end
+  redis.call('SREM', KEYS[3], ARGV[2])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', status)
+  redis.call('EXPIRE', KEYS[2], {FINISHED_EVENTS_TTL_SECONDS})
+end
+"""
+
+# ARGV[3] = worker pid, ARGV[4] = max attempts, ARGV[5] = message when attempts run out.
+_CLAIM = (
+    _TERMINATE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  terminate('cancelled')
+  return {'cancelled', 0}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[4]) then
+  terminate('failed', 'worker_lost', ARGV[5])
+  return {'failed', attempts}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker_pid', ARGV[3],
+           'step', 0, 'loss', '')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', """
+    + str(EVENTS_MAXLEN)
+    + """, '*', 'type', 'status', 'status', 'running')
+return {'claimed', attempts}
+"""
+)
+
+# ARGV[3] = attempt, ARGV[4] = step, ARGV[5] = total, ARGV[6] = loss or ''.
+_PROGRESS = f"""
+if redis.call('HGET', KEYS[1], 'status') ~= 'running'
+   or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then
+  return 'stale'
+end
+redis.call('HSET', KEYS[1], 'step', ARGV[4], 'total', ARGV[5], 'loss', ARGV[6])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'progress',
+           'step', ARGV[4], 'total', ARGV[5], 'loss', ARGV[6])
+return redis.call('HGET', KEYS[1], 'cancel_requested') or '0'
+"""
+
+# ARGV[3] = attempt, ARGV[4] = status, ARGV[5] = result JSON or '', ARGV[6] = error code, ARGV[7] = message.
+_FINISH = (
+    _TERMINATE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then
+  return status or 'missing'
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[5]) end
+terminate(ARGV[4], ARGV[6], ARGV[7])
+return 'ok'
+"""
+)
+
+_CANCEL = (
+    _TERMINATE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+  terminate('cancelled')
+  return 'cancelled'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', 1)
+  return 'cancelling'
+end
+return status or 'missing'
+"""
+)
+
+
+class JobStore:
+    """Synchronous access, used by the gateway's routes and by the workers."""
+
+    def __init__(self, db: redis.Redis) -> None:
+        self.db = db
+        self._claim = db.register_script(_CLAIM)
+        self._progress = db.register_script(_PROGRESS)
+        self._finish = db.register_script(_FINISH)
+        self._cancel = db.register_script(_CANCEL)
+
+    def _keys(self, job_id: str, tenant_id: str) -> list[str]:
+        return [job_key(job_id), job_events_key(job_id), tenant_active_jobs_key(tenant_id)]
+
+    def _tenant_of(self, job_id: str) -> str | None:
+        return self.db.hget(job_key(job_id), "tenant_id")
+
+    def active_count(self, tenant_id: str) -> int:
+        return int(self.db.scard(tenant_active_jobs_key(tenant_id)))
+
+    def create(
+        self,
+        job_id: str,
+        tenant_id: str,
+        kind: JobKind,
+        params: dict[str, Any],
+        total: int,
+        adapter_id: str | None = None,
+    ) -> Job:
+        now = time.time()
+        fields = {
+            "tenant_id": tenant_id,
+            "kind": kind,
+            "status": "queued",
+            "params": json.dumps(params),
+            "adapter_id": adapter_id or "",
+            "step": 0,
+            "total": total,
+            "queued_at": now,
+            "attempts": 0,
+        }
+        with self.db.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key(job_id), mapping=fields)
+            pipe.xadd(job_events_key(job_id), {"type": "status", "status": "queued"}, maxlen=EVENTS_MAXLEN)
+            pipe.sadd(tenant_active_jobs_key(tenant_id), job_id)
+            pipe.execute()
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        data = self.db.hgetall(job_key(job_id))
+        return parse_job(job_id, data) if data else None
+
+    def claim(self, job_id: str, pid: int, max_attempts: int) -> tuple[str, int]:
+        """Marks the job running for this delivery. Returns ('claimed', attempt) or the reason not to run."""
+        tenant_id = self._tenant_of(job_id)
+        if tenant_id is None:
+            return "missing", 0
+        message = f"the job stopped its worker {max_attempts} times; it was given up"
+        status, attempt = self._claim(
+            keys=self._keys(job_id, tenant_id), args=[time.time(), job_id, pid, max_attempts, message]
+        )
+        return str(status), int(attempt)
+
+    def progress(self, job_id: str, attempt: int, step: int, total: int, loss: float | None = None) -> str:
+        """Records progress. Returns '1' if cancellation was requested, 'stale' if this run was superseded."""
+        tenant_id = self._tenant_of(job_id) or ""
+        return str(
+            self._progress(
+                keys=self._keys(job_id, tenant_id),
+                args=[time.time(), job_id, attempt, step, total, "" if loss is None else repr(loss)],
+            )
+        )
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.db.hget(job_key(job_id), "cancel_requested") == "1"
+
+    def finish(
+        self,
+        job_id: str,
+        attempt: int,
+        status: JobStatus,
+        result: dict[str, Any] | None = None,
+        error_code: str = "",
+        error_message: str = "",
+    ) -> str:
+        tenant_id = self._tenant_of(job_id) or ""
+        return str(
+            self._finish(
+                keys=self._keys(job_id, tenant_id),
+                args=[
+                    time.time(),
+                    job_id,
+                    attempt,
+                    status,
+                    json.dumps(result) if result is not None else "",
+                    error_code,
+                    error_message,
+                ],
+            )
+        )
+
+    def cancel(self, job_id: str) -> str:
+        """'cancelled' (it was queued), 'cancelling' (it stops at its next step), or its terminal status."""
+        tenant_id = self._tenant_of(job_id) or ""
+        return str(self._cancel(keys=self._keys(job_id, tenant_id), args=[time.time(), job_id]))
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    kind: Literal["status", "progress", "ping"]
+    job: Job | None = None
+    progress: dict[str, Any] | None = None
+
+
+class JobWatcher:
+    """Asynchronous reads for the event stream and ``wait``: they block on Redis, not on a thread."""
+
+    def __init__(self, db: aioredis.Redis) -> None:
+        self.db = db
+
+    async def get(self, job_id: str) -> Job | None:
+        data = await self.db.hgetall(job_key(job_id))
+        return parse_job(job_id, data) if data else None
+
+    async def events(self, job_id: str, ping_seconds: float = 15.0) -> AsyncIterator[JobEvent]:
+        """The current state, then every change, until the job ends."""
+        stream = job_events_key(job_id)
+        # Take the stream position before the snapshot, so no change between the two is missed.
+        latest = await self.db.xrevrange(stream, count=1)
+        cursor = latest[0][0] if latest else "0-0"
+        job = await self.get(job_id)
+        if job is None:
+            return
+        yield JobEvent("status", job=job)
+        while not job.terminal:
+            reply = await self.db.xread({stream: cursor}, block=int(ping_seconds * 1000), count=100)
+            if not reply:
+                yield JobEvent("ping")
+                continue
+            for entry_id, fields in reply[0][1]:
+                cursor = entry_id
+                if fields.get("type") == "progress":
+                    loss = fields.get("loss")
+                    yield JobEvent(
+                        "progress",
+                        progress={
+                            "step": int(fields["step"]),
+                            "total": int(fields["total"]),
+                            "loss": float(loss) if loss else None,
+                        },
+                    )
+                    continue
+                refreshed = await self.get(job_id)
+                if refreshed is None:
+                    return
+                job = refreshed
+                yield JobEvent("status", job=job)
+                if job.terminal:
+                    return
+
+    async def wait(self, job_id: str, timeout: float) -> Job | None:
+        """The job once it has ended, or None if it is still going after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in self.events(job_id, ping_seconds=max(timeout, 0.1)):
+                    if event.job is not None and event.job.terminal:
+                        return event.job
+        except TimeoutError:
+            return None
+        return None

@@ -1,0 +1,44 @@
+"""The Celery application shared by the gateway (which sends) and the workers (which run).
+
+The settings are the ones that keep jobs (DESIGN §3): a message is acknowledged only after its task
+returns, a lost worker process puts it back, each process reserves one message at a time, and
+Redis waits longer than the longest job before handing an unacknowledged message to someone else.
+Messages carry only a job id; everything else is read from the job's record.
+"""
+
+from celery import Celery
+
+from service.jobs import JobKind
+from service.settings import Settings
+
+FINETUNE_QUEUE = "atomtune.finetune"
+GENERATE_QUEUE = "atomtune.generate"
+QUEUES: dict[str, str] = {"finetune": FINETUNE_QUEUE, "generate": GENERATE_QUEUE}
+TASKS: dict[JobKind, str] = {"finetune": "atomtune.finetune", "generate": "atomtune.generate"}
+
+
+def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
+    app = Celery("atomtune", broker=settings.redis_url, include=include or [])
+    transport = {"visibility_timeout": settings.visibility_timeout_seconds}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_time_limit=settings.job_time_limit_seconds,
+        task_soft_time_limit=settings.job_soft_time_limit_seconds,
+        # Job state lives in our own records; Celery's result backend would be a second copy.
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_routes={TASKS[kind]: {"queue": QUEUES[kind]} for kind in TASKS},
+        task_default_queue=GENERATE_QUEUE,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, kind: JobKind, job_id: str) -> None:
+    app.send_task(TASKS[kind], args=[job_id], queue=QUEUES[kind])

@@ -1,0 +1,60 @@
+"""Configuration shared by the gateway, the workers and the CLI (env prefix ``ATOMTUNE_``)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every field is documented in the README's configuration table; keep the two in step."""
+
+    model_config = SettingsConfigDict(env_prefix="ATOMTUNE_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    base_model: str | None = Field(
+        default=None,
+        description="Local diffusers folder or hub id of a PixArt-Sigma pipeline; `up` fills in a tiny one.",
+    )
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_sequence_length: int = Field(default=300, ge=1, le=512)
+
+    device_cache_slots: int = Field(default=4, ge=1)
+    host_cache_bytes: int = Field(default=2048 * MiB, ge=0)
+
+    max_image_bytes: int = Field(default=10 * MiB, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_request_bytes: int = Field(default=110 * MiB, ge=1)
+    max_adapter_bytes: int = Field(default=512 * MiB, ge=1)
+    max_resolution: int = Field(default=1024, ge=16)
+    max_active_jobs_per_tenant: int = Field(default=16, ge=1)
+    max_wait_seconds: float = Field(default=60.0, ge=0)
+
+    job_time_limit_seconds: int = Field(default=3600, ge=10)
+    max_job_attempts: int = Field(default=3, ge=1)
+    worker_heartbeat_seconds: float = Field(default=5.0, gt=0)
+
+    @property
+    def job_soft_time_limit_seconds(self) -> int:
+        # The soft limit fires first so the task itself can record why it stopped.
+        return max(self.job_time_limit_seconds - 30, self.job_time_limit_seconds * 9 // 10)
+
+    @property
+    def visibility_timeout_seconds(self) -> int:
+        # Redis redelivers an unacked message after this long; it must outlast the longest job
+        # or a healthy job would run twice.
+        return self.job_time_limit_seconds + 600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
