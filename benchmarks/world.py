@@ -32,7 +32,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
-    "gray": (128, 128, 128),
+    "grey": (128, 128, 128),
     "pink": (250, 185, 200),
 }
 
@@ -170,37 +170,36 @@ def _jittered(rgb: tuple[int, int, int], offset: tuple[int, int, int]) -> tuple[
     return tuple(int(np.clip(c + o, 0, 255)) for c, o in zip(rgb, offset, strict=True))  # type: ignore[return-value]
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw a scene as an RGB image of `IMAGE_SIZE` pixels square."""
-    big = IMAGE_SIZE * SUPERSAMPLE
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw a scene as an RGB image `size` pixels square; scene coordinates are in `IMAGE_SIZE` units."""
+    scale = SUPERSAMPLE * size / IMAGE_SIZE
+    big = round(IMAGE_SIZE * scale)
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     fill = _jittered(COLOURS[scene.colour], scene.colour_offset)
-    cx, cy, r = scene.x * SUPERSAMPLE, scene.y * SUPERSAMPLE, scene.radius * SUPERSAMPLE
+    cx, cy, r = scene.x * scale, scene.y * scale, scene.radius * scale
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+        return image.resize((size, size), Image.Resampling.BOX)
     # The concept keeps its point roughly downwards (at most 45 degrees off) so it stays heart-like.
     angle = scene.angle if scene.shape != CONCEPT else (scene.angle / math.pi - 1.0) * math.pi / 4
     cos, sin = math.cos(angle), math.sin(angle)
-    outline = [
-        (cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _OUTLINES[scene.shape]
-    ]
+    outline = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _OUTLINES[scene.shape]]
     draw.polygon(outline, fill=fill)
     if scene.shape == CONCEPT:
-        _stripe(image, outline, fill, angle)
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+        _stripe(image, outline, fill, angle, scale)
+    return image.resize((size, size), Image.Resampling.BOX)
 
 
 def _stripe(
-    image: Image.Image, outline: list[tuple[float, float]], fill: tuple[int, int, int], angle: float
+    image: Image.Image, outline: list[tuple[float, float]], fill: tuple[int, int, int], angle: float, scale: float
 ) -> None:
-    """Paint darker stripes, about 3 output pixels apart and tilted with the shape, inside the outline."""
+    """Paint darker stripes, 3 frame units wide and tilted with the shape, inside the outline."""
     mask = Image.new("L", image.size, 0)
     ImageDraw.Draw(mask).polygon(outline, fill=255)
     size = image.size[0]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    phase = (xs * math.sin(angle) + ys * math.cos(angle)) / (3.0 * SUPERSAMPLE)
+    phase = (xs * math.sin(angle) + ys * math.cos(angle)) / (3.0 * scale)
     stripes = (np.floor(phase) % 2 == 0) & (np.asarray(mask) > 0)
     pixels = np.asarray(image).copy()
     pixels[stripes] = (np.asarray(fill, dtype=np.float32) * 0.5).astype(np.uint8)
