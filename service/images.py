@@ -33,9 +33,7 @@ def check_image(name: str, data: bytes, max_bytes: int, max_pixels: int) -> Chec
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (width, height) = img.format, img.size
                 if fmt not in FORMATS:
-                    raise ApiError(
-                        415, "unsupported_image_format", f"{label} is {fmt}; send PNG, JPEG or WebP"
-                    )
+                    raise ApiError(415, "unsupported_image_format", f"{label} is {fmt}; send PNG, JPEG or WebP")
                 if width * height > max_pixels:
                     raise ApiError(
                         422,
@@ -50,7 +48,5 @@ def check_image(name: str, data: bytes, max_bytes: int, max_pixels: int) -> Chec
             422, "image_too_many_pixels", f"{label} has too many pixels; the limit is {max_pixels}"
         ) from None
     except Exception:
-        raise ApiError(
-            415, "unsupported_image_format", f"{label} is not a readable PNG, JPEG or WebP image"
-        ) from None
+        raise ApiError(415, "unsupported_image_format", f"{label} is not a readable PNG, JPEG or WebP image") from None
     return CheckedImage(data=data, extension=FORMATS[fmt])

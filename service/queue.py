@@ -36,6 +36,8 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         task_default_queue=GENERATE_QUEUE,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # On a cold shutdown (SIGQUIT), running tasks get this long, then go back to the queue.
+        worker_soft_shutdown_timeout=10.0,
     )
     return app
 

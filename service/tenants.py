@@ -48,9 +48,7 @@ class TenantStore:
         tenant = Tenant(id=new_id(), name=name, created_at=time.time(), revoked=False)
         if not self.db.hsetnx(TENANT_NAMES_KEY, name, tenant.id):
             raise ValueError(f"a tenant named '{name}' already exists")
-        self.db.hset(
-            tenant_key(tenant.id), mapping={"name": name, "created_at": tenant.created_at, "revoked": 0}
-        )
+        self.db.hset(tenant_key(tenant.id), mapping={"name": name, "created_at": tenant.created_at, "revoked": 0})
         self.db.zadd(TENANTS_KEY, {tenant.id: 0})
         return tenant, self.issue_key(tenant.id)
 

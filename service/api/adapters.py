@@ -165,19 +165,21 @@ def download_adapter(record: AdapterDep, services: ServicesDep) -> FileResponse:
 
 def _import(tenant: Tenant, services: Services, data: bytes, prompt: str) -> AdapterRecord:
     # The engine (and torch) load only here, so a gateway that never imports stays light.
-    from worker.adapter_files import AdapterRejected, inspect_adapter_folder, write_adapter_extras
+    from adapters import AdapterFormatError
+    from worker.adapter_files import inspect_adapter_folder, write_extras
 
     adapter_id = new_id()
     fingerprint = services.db.get(BASE_FINGERPRINT_KEY)
+    limit = services.settings.max_adapter_bytes
     with services.storage.replacing(services.storage.adapter_dir(tenant.id, adapter_id)) as tmp:
         folder = tmp / ADAPTER_SUBDIR
         folder.mkdir()
-        unpack_adapter_zip(data, folder, services.settings.max_adapter_bytes)
+        unpack_adapter_zip(data, folder, limit)
         try:
-            summary = inspect_adapter_folder(folder, fingerprint)
-        except AdapterRejected as exc:
+            summary = inspect_adapter_folder(folder, fingerprint, limit)
+        except AdapterFormatError as exc:
             raise ApiError(422, "invalid_adapter", str(exc)) from None
-        write_adapter_extras(tmp, summary)
+        write_extras(tmp, summary)
     services.catalog.create(adapter_id, tenant.id, prompt, "imported", summary.config)
     services.catalog.mark_ready(adapter_id, summary.config, summary.layers, metrics={})
     record = services.catalog.get(adapter_id)

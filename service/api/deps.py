@@ -27,9 +27,7 @@ def current_tenant(
     services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Tenant:
     if credentials is None:
-        raise ApiError(
-            401, "unauthenticated", "send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE
-        )
+        raise ApiError(401, "unauthenticated", "send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE)
     tenant = services.tenants.authenticate(credentials.credentials)
     if tenant is None:
         raise ApiError(401, "unauthenticated", "the API key is unknown or revoked", headers=_CHALLENGE)

@@ -28,8 +28,6 @@ class ErrorResponse(BaseModel):
 class TrainingForm(BaseModel):
     """The form fields of ``POST /v1/adapters`` besides the images."""
 
-    model_config = ConfigDict(extra="forbid")
-
     prompt: str = Field(min_length=1, max_length=1000, description="Names the concept, e.g. 'a photo of sks dog'")
     atoms: int = Field(default=256, ge=8, le=1024, description="Dictionary atoms per layer (M)")
     density: float = Field(default=0.04, gt=0, le=1, description="Fraction of atoms a token uses (k/M)")

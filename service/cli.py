@@ -1,0 +1,147 @@
+"""``atomtune``: serve the gateway, run a worker, manage tenants, or bring everything up at once."""
+
+import argparse
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import redis
+
+from service.queue import QUEUES
+from service.redis_db import connect
+from service.settings import get_settings
+from service.tenants import TenantStore
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=args.loglevel,
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if not settings.base_model:
+        print("atomtune worker: set ATOMTUNE_BASE_MODEL to a diffusers folder or hub id", file=sys.stderr)
+        return 2
+    names = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if unknown or not names:
+        print(f"atomtune worker: --queues takes {', '.join(QUEUES)}; got {args.queues!r}", file=sys.stderr)
+        return 2
+    from worker.app import app
+
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(QUEUES[q] for q in names),
+            "--concurrency",
+            str(args.concurrency),
+            "--pool",
+            "prefork",
+            "--loglevel",
+            args.loglevel,
+            # Unique per process, so several workers on one machine never share a name.
+            "--hostname",
+            args.hostname or f"atomtune-{uuid.uuid4().hex[:8]}@%h",
+        ]
+    )
+    return 0
+
+
+def _tenants() -> TenantStore:
+    return TenantStore(connect(get_settings().redis_url))
+
+
+def _tenant_create(args: argparse.Namespace) -> int:
+    try:
+        tenant, key = _tenants().create(args.name)
+    except ValueError as exc:
+        print(f"atomtune tenant create: {exc}", file=sys.stderr)
+        return 1
+    print(f"tenant: {tenant.id} {tenant.name}")
+    print(f"key: {key}")
+    print("The key is shown only this once; store it now.", file=sys.stderr)
+    return 0
+
+
+def _tenant_list(_: argparse.Namespace) -> int:
+    for tenant in _tenants().list():
+        created = datetime.fromtimestamp(tenant.created_at, UTC).isoformat(timespec="seconds")
+        state = "revoked" if tenant.revoked else "active"
+        print(f"{tenant.id}\t{tenant.name}\t{state}\t{created}")
+    return 0
+
+
+def _tenant_revoke(args: argparse.Namespace) -> int:
+    if not _tenants().revoke(args.tenant_id):
+        print(f"atomtune tenant revoke: no tenant '{args.tenant_id}'", file=sys.stderr)
+        return 1
+    print(f"revoked {args.tenant_id}")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from service.up import run_up
+
+    return run_up(args.host, args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atomtune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP gateway")
+    serve.add_argument("--host", help="bind address (default ATOMTUNE_HOST)")
+    serve.add_argument("--port", type=int, help="port (default ATOMTUNE_PORT)")
+    serve.add_argument("--loglevel", default="info")
+    serve.set_defaults(func=_serve)
+
+    worker = commands.add_parser("worker", help="run a Celery worker that holds the base model")
+    worker.add_argument("--queues", default=",".join(QUEUES), help="finetune, generate or both (default)")
+    worker.add_argument(
+        "--concurrency", type=int, default=1, help="pool processes; each holds its own copy of the model"
+    )
+    worker.add_argument("--hostname", help="Celery node name (default: unique per process)")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=_worker)
+
+    tenant = commands.add_parser("tenant", help="manage tenants and their API keys")
+    tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True)
+    create = tenant_commands.add_parser("create", help="create a tenant and print its key (once)")
+    create.add_argument("name")
+    create.set_defaults(func=_tenant_create)
+    tenant_commands.add_parser("list", help="list tenants").set_defaults(func=_tenant_list)
+    revoke = tenant_commands.add_parser("revoke", help="revoke a tenant and all its keys")
+    revoke.add_argument("tenant_id")
+    revoke.set_defaults(func=_tenant_revoke)
+
+    up = commands.add_parser("up", help="Redis (if none answers), a gateway and a worker on this machine")
+    up.add_argument("--host", help="bind address (default ATOMTUNE_HOST)")
+    up.add_argument("--port", type=int, help="port (default ATOMTUNE_PORT)")
+    up.set_defaults(func=_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except redis.ConnectionError:
+        url = get_settings().redis_url
+        print(f"atomtune: no Redis answers at {url}; start one, or run `atomtune up`", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

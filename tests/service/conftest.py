@@ -1,0 +1,207 @@
+"""Real parts only: a redis-server on a free port, the gateway under uvicorn and one Celery worker
+process, all started once per session, with the tiny PixArt-Σ pipeline as the base model."""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service import workers_registry
+from service.redis_db import connect
+from service.settings import Settings
+from service.tenants import TenantStore
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_SECONDS = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM, timeout: float = 20.0) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    db = connect(f"redis://127.0.0.1:{port}/0")
+
+    def answers() -> bool:
+        try:
+            return bool(db.ping())
+        except Exception:
+            return False
+
+    wait_until(answers, 10, "redis-server")
+    return process
+
+
+def _image_bytes(color: tuple[int, int, int], size: int = 64, fmt: str = "PNG") -> bytes:
+    """A square of one colour with a contrasting quarter, so the concept is not a flat fill."""
+    image = Image.new("RGB", (size, size), color)
+    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (0, 0, size // 2, size // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    process = start_redis(tmp_path_factory.mktemp("redis"), port)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop(process)
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from adapters import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny-pixart-sigma"))
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_url: str, base_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {
+        **os.environ,
+        "ATOMTUNE_REDIS_URL": redis_url,
+        "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "ATOMTUNE_BASE_MODEL": base_model,
+        "ATOMTUNE_DEVICE": "cpu",
+        "ATOMTUNE_WORKER_HEARTBEAT_SECONDS": "1",
+        "ATOMTUNE_MAX_IMAGE_BYTES": "100000",
+        "ATOMTUNE_MAX_IMAGE_PIXELS": str(256 * 256),
+        "ATOMTUNE_MAX_ACTIVE_JOBS_PER_TENANT": "4",
+        # Each process gets one thread: the machine's two cores are shared with the test process.
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(service_env: dict[str, str]) -> Settings:
+    return Settings(
+        redis_url=service_env["ATOMTUNE_REDIS_URL"],
+        data_dir=Path(service_env["ATOMTUNE_DATA_DIR"]),
+        base_model=service_env["ATOMTUNE_BASE_MODEL"],
+        worker_heartbeat_seconds=1.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def tenants(settings: Settings) -> TenantStore:
+    return TenantStore(connect(settings.redis_url))
+
+
+@pytest.fixture(scope="session")
+def gateway(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("logs") / "gateway.log").open("wb")
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--loglevel", "warning"]
+    process = subprocess.Popen(command, env=service_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, f"the gateway exited; see {log.name}"
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, STARTUP_SECONDS, "the gateway")
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="session")
+def worker(service_env: dict[str, str], settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One worker process serving both queues; yields its log file."""
+    log_path = tmp_path_factory.mktemp("logs") / "worker.log"
+    log = log_path.open("wb")
+    command = [sys.executable, "-m", "service.cli", "worker", "--loglevel", "info"]
+    process = subprocess.Popen(command, env=service_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    db = connect(settings.redis_url)
+
+    def alive() -> bool:
+        assert process.poll() is None, f"the worker exited:\n{log_path.read_text()[-3000:]}"
+        return bool(workers_registry.alive(db, settings.worker_heartbeat_seconds))
+
+    wait_until(alive, STARTUP_SECONDS, "the worker's heartbeat")
+    yield log_path
+    stop(process, signal.SIGQUIT)
+
+
+class Api(httpx.Client):
+    """A client authenticated as one tenant."""
+
+    tenant_id: str
+
+
+@pytest.fixture
+def new_tenant(gateway: str, tenants: TenantStore) -> Iterator[Callable[[str], Api]]:
+    clients: list[Api] = []
+
+    def make(name: str) -> Api:
+        tenant, key = tenants.create(f"{name}-{time.monotonic_ns()}")
+        client = Api(base_url=gateway, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        client.tenant_id = tenant.id
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def _wait_job(
+    api: httpx.Client, job_id: str, timeout: float = 120.0, until: Callable[[dict], bool] | None = None
+) -> dict:
+    """Polls the job until it ends (or ``until`` holds) and returns it."""
+    done = until or (lambda job: job["status"] in ("succeeded", "failed", "cancelled"))
+    deadline = time.monotonic() + timeout
+    while True:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['status']} after {timeout:.0f} s: {job}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def wait_job() -> Callable[..., dict]:
+    return _wait_job
+
+
+@pytest.fixture(scope="session")
+def image_bytes() -> Callable[..., bytes]:
+    return _image_bytes

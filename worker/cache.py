@@ -1,0 +1,86 @@
+"""The adapter cache, in tiers: resident on the device (installed in the host, LRU, N slots), in
+host memory (LRU, byte budget), then storage. A job whose adapter is resident loads nothing."""
+
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adapters import AdapterHost, SparseDictionaryAdapter
+
+Tier = Literal["device", "host", "storage"]
+
+
+@dataclass
+class CacheStats:
+    hits: Counter[str] = field(default_factory=Counter)
+    misses: Counter[str] = field(default_factory=Counter)
+    load_seconds: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    tier: Tier
+    seconds: float
+
+
+class AdapterCache:
+    def __init__(self, host: AdapterHost, device_slots: int, host_bytes: int) -> None:
+        self.host = host
+        self.device_slots = device_slots
+        self.host_bytes = host_bytes
+        self.stats = CacheStats()
+        # Insertion order is recency: the first entry is the least recently used.
+        self._resident: OrderedDict[str, None] = OrderedDict()
+        self._memory: OrderedDict[str, SparseDictionaryAdapter] = OrderedDict()
+        self._memory_used = 0
+
+    def acquire(self, adapter_id: str, load: Callable[[], SparseDictionaryAdapter]) -> CacheHit:
+        """Makes the adapter resident under its id; ``load`` reads it from storage on a full miss."""
+        if adapter_id in self._resident:
+            self._resident.move_to_end(adapter_id)
+            self.stats.hits["device"] += 1
+            return CacheHit("device", 0.0)
+        self.stats.misses["device"] += 1
+        started = time.perf_counter()
+        adapter = self._memory.pop(adapter_id, None)
+        tier: Tier
+        if adapter is not None:
+            self._memory_used -= adapter.nbytes()
+            tier = "host"
+        else:
+            self.stats.misses["host"] += 1
+            adapter = load()
+            tier = "storage"
+        self.stats.hits[tier] += 1
+        self.insert(adapter_id, adapter)
+        seconds = time.perf_counter() - started
+        self.stats.load_seconds[tier] += seconds
+        return CacheHit(tier, seconds)
+
+    def insert(self, adapter_id: str, adapter: SparseDictionaryAdapter) -> None:
+        """Makes an adapter the worker already holds (e.g. just trained) resident."""
+        while len(self._resident) >= self.device_slots:
+            evicted, _ = self._resident.popitem(last=False)
+            self._remember(evicted, self.host.remove(evicted).to("cpu"))
+        self.host.add(adapter_id, adapter)
+        self._resident[adapter_id] = None
+
+    def discard(self, adapter_id: str) -> None:
+        if adapter_id in self._resident:
+            del self._resident[adapter_id]
+            self.host.remove(adapter_id)
+        adapter = self._memory.pop(adapter_id, None)
+        if adapter is not None:
+            self._memory_used -= adapter.nbytes()
+
+    def _remember(self, adapter_id: str, adapter: SparseDictionaryAdapter) -> None:
+        size = adapter.nbytes()
+        if size > self.host_bytes:
+            return
+        while self._memory_used + size > self.host_bytes:
+            _, dropped = self._memory.popitem(last=False)
+            self._memory_used -= dropped.nbytes()
+        self._memory[adapter_id] = adapter
+        self._memory_used += size

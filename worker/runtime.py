@@ -1,0 +1,72 @@
+"""What a worker process holds: the one frozen base pipeline, its adapter host and cache.
+
+Loaded once per process (never per job), from ``ATOMTUNE_BASE_MODEL`` with the configured
+device and dtype.
+"""
+
+import logging
+import threading
+import time
+
+import torch
+from diffusers import PixArtSigmaPipeline
+
+from adapters import AdapterHost
+from service.redis_db import BASE_FINGERPRINT_KEY, connect
+from service.settings import Settings
+from worker.cache import AdapterCache
+
+log = logging.getLogger(__name__)
+
+
+class BaseModelMissing(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        if not settings.base_model:
+            raise BaseModelMissing("the worker has no base model; set ATOMTUNE_BASE_MODEL")
+        started = time.perf_counter()
+        self.device = resolve_device(settings.device)
+        dtype = getattr(torch, settings.dtype)
+        pipeline = PixArtSigmaPipeline.from_pretrained(settings.base_model, torch_dtype=dtype)
+        pipeline.to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.host = AdapterHost(pipeline.transformer)
+        self.fingerprint = self.host.fingerprint
+        self.cache = AdapterCache(self.host, settings.device_cache_slots, settings.host_cache_bytes)
+        # Prompts are padded to this length; the tokenizer's own limit caps it for small models.
+        self.max_sequence_length = min(settings.max_sequence_length, pipeline.tokenizer.model_max_length)
+        # One pipeline, one job at a time, even if a thread pool were configured.
+        self.lock = threading.Lock()
+        # The gateway checks imported adapters against the base the workers serve.
+        connect(settings.redis_url).set(BASE_FINGERPRINT_KEY, self.fingerprint)
+        log.info(
+            "loaded base model %s on %s/%s in %.1f s (fingerprint %s)",
+            settings.base_model,
+            self.device,
+            settings.dtype,
+            time.perf_counter() - started,
+            self.fingerprint,
+        )
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime(settings: Settings) -> Runtime:
+    """The process's runtime, loaded on first use; a failed load is retried by the next caller."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(settings)
+        return _runtime

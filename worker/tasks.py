@@ -1,0 +1,268 @@
+"""The task bodies. A message carries a job id only; the job's record says what to do.
+
+Tasks are idempotent: ``claim`` refuses a job that already ended (a redelivery after success), and
+a redelivered half-done job starts over, writing its files into fresh temporary folders that only
+replace the final ones when complete.
+"""
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
+
+from adapters import (
+    AdapterConfigError,
+    AdapterFormatError,
+    RoutingError,
+    SampleRoute,
+    SparseDictionaryConfig,
+    TrainingCancelled,
+    TrainingConfig,
+    load_adapter,
+    train_adapter,
+)
+from service.catalog import AdapterCatalog, AdapterRecord
+from service.jobs import Job, JobStore
+from service.queue import TASKS
+from service.redis_db import connect
+from service.settings import Settings, get_settings
+from service.storage import ADAPTER_SUBDIR, Storage
+from worker.adapter_files import save_adapter_dir
+from worker.app import app
+from worker.runtime import BaseModelMissing, Runtime, get_runtime
+
+log = logging.getLogger(__name__)
+LOSS_CURVE_POINTS = 100
+
+
+class JobFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class Superseded(Exception):
+    """A redelivery of this job has taken over; this run must stop without writing anything."""
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    settings: Settings
+    jobs: JobStore
+    catalog: AdapterCatalog
+    storage: Storage
+
+    def runtime(self) -> Runtime:
+        try:
+            return get_runtime(self.settings)
+        except BaseModelMissing as exc:
+            raise JobFailed("no_base_model", str(exc)) from None
+
+
+@cache
+def context() -> WorkerContext:
+    settings = get_settings()
+    db = connect(settings.redis_url)
+    return WorkerContext(settings, JobStore(db), AdapterCatalog(db), Storage(settings.data_dir))
+
+
+class Reporter:
+    """Progress goes to the job record; the reply carries the cancel flag, so checking is free."""
+
+    def __init__(self, jobs: JobStore, job_id: str, attempt: int) -> None:
+        self.jobs = jobs
+        self.job_id = job_id
+        self.attempt = attempt
+        self.cancel = jobs.cancel_requested(job_id)
+
+    def progress(self, step: int, total: int, loss: float | None = None) -> None:
+        reply = self.jobs.progress(self.job_id, self.attempt, step, total, loss)
+        if reply == "stale":
+            raise Superseded
+        self.cancel = reply == "1"
+
+    def should_stop(self) -> bool:
+        return self.cancel
+
+
+Body = Callable[[WorkerContext, Job, Reporter], dict[str, Any]]
+
+
+def run_job(job_id: str, body: Body) -> None:
+    ctx = context()
+    outcome, attempt = ctx.jobs.claim(job_id, os.getpid(), ctx.settings.max_job_attempts)
+    if outcome != "claimed":
+        log.info("job %s not run: %s", job_id, outcome)
+        return
+    job = ctx.jobs.get(job_id)
+    assert job is not None
+    status, result, code, message = "failed", None, "", ""
+    try:
+        result = body(ctx, job, Reporter(ctx.jobs, job_id, attempt))
+        status = "succeeded"
+    except (TrainingCancelled, JobCancelled):
+        status = "cancelled"
+    except Superseded:
+        log.warning("job %s attempt %d was superseded by a redelivery", job_id, attempt)
+        return
+    except SoftTimeLimitExceeded:
+        code = "time_limit"
+        message = (
+            f"the job ran past its {ctx.settings.job_soft_time_limit_seconds} s limit; "
+            "use fewer steps or a smaller size"
+        )
+    except JobFailed as exc:
+        code, message = exc.code, exc.message
+    except (AdapterConfigError, AdapterFormatError, RoutingError) as exc:
+        code, message = "invalid_job", str(exc)
+    except Exception:
+        log.exception("job %s failed", job_id)
+        code, message = "internal", "the worker failed while running the job; its log has the details"
+    ctx.jobs.finish(job_id, attempt, status, result=result, error_code=code, error_message=message)  # type: ignore[arg-type]
+
+
+def _adapter_of(ctx: WorkerContext, job: Job) -> AdapterRecord:
+    record = ctx.catalog.get(job.adapter_id) if job.adapter_id else None
+    if record is None or record.tenant_id != job.tenant_id:
+        raise JobFailed("adapter_deleted", f"adapter '{job.adapter_id}' was deleted")
+    return record
+
+
+def _loss_curve(losses: list[float]) -> list[float]:
+    if len(losses) <= LOSS_CURVE_POINTS:
+        return losses
+    size = len(losses) / LOSS_CURVE_POINTS
+    chunks = [losses[round(i * size) : round((i + 1) * size)] for i in range(LOSS_CURVE_POINTS)]
+    return [sum(chunk) / len(chunk) for chunk in chunks]
+
+
+def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]:
+    record = _adapter_of(ctx, job)
+    params = job.params
+    uploads = ctx.storage.uploads_dir(job.tenant_id, record.id)
+    images = [Image.open(uploads / name).convert("RGB") for name in params["images"]]
+    runtime = ctx.runtime()
+    config = SparseDictionaryConfig(**params["config"], base_fingerprint=runtime.fingerprint)
+    config.validate(num_blocks=runtime.host.num_blocks, num_heads=runtime.host.num_heads)
+    training = params["training"]
+    training_config = TrainingConfig(
+        steps=training["steps"],
+        learning_rate=training["learning_rate"],
+        seed=training["seed"],
+        resolution=training["resolution"],
+        max_sequence_length=runtime.max_sequence_length,
+    )
+    try:
+        training_config.validate()
+    except ValueError as exc:
+        raise JobFailed("invalid_job", str(exc)) from None
+
+    with runtime.lock:
+        result = train_adapter(
+            runtime.pipeline,
+            runtime.host,
+            images,
+            params["prompt"],
+            config,
+            training_config,
+            on_progress=reporter.progress,
+            should_stop=reporter.should_stop,
+        )
+        target = ctx.storage.adapter_dir(job.tenant_id, record.id)
+        with ctx.storage.replacing(target) as tmp:
+            summary = save_adapter_dir(tmp, result.adapter)
+        metrics = {
+            "final_loss": result.losses[-1],
+            "loss_curve": _loss_curve(result.losses),
+            "seconds": result.seconds,
+            "steps": len(result.losses),
+        }
+        if not ctx.catalog.mark_ready(record.id, summary.config, summary.layers, metrics):
+            ctx.storage.remove_adapter(job.tenant_id, record.id)
+            raise JobFailed("adapter_deleted", f"adapter '{record.id}' was deleted while it trained")
+        # Keep the fresh adapter resident: the first generation with it usually follows at once.
+        runtime.cache.insert(record.id, result.adapter)
+    return {"adapter_id": record.id}
+
+
+def _atom_mask(spec: dict[str, Any] | None, num_atoms: int) -> dict[int, torch.Tensor] | None:
+    if spec is None:
+        return None
+    keep = spec["mode"] == "keep"
+    masks = {}
+    for layer, atoms in spec["layers"].items():
+        mask = torch.full((num_atoms,), not keep, dtype=torch.bool)
+        mask[torch.tensor(atoms, dtype=torch.long)] = keep
+        masks[int(layer)] = mask
+    return masks
+
+
+def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]:
+    params = job.params
+    runtime = ctx.runtime()
+    steps, count = params["steps"], params["num_images"]
+
+    def on_step(step: int, _timestep: Any, _latents: torch.Tensor) -> None:
+        reporter.progress(step + 1, steps)
+        if reporter.should_stop():
+            raise JobCancelled
+
+    with runtime.lock:
+        tier = None
+        route = SampleRoute()
+        if job.adapter_id:
+            record = _adapter_of(ctx, job)
+            folder = ctx.storage.adapter_dir(job.tenant_id, record.id) / ADAPTER_SUBDIR
+            hit = runtime.cache.acquire(
+                record.id,
+                lambda: load_adapter(
+                    folder, expected_fingerprint=runtime.fingerprint, max_bytes=ctx.settings.max_adapter_bytes
+                ),
+            )
+            tier = hit.tier
+            route = SampleRoute(
+                adapter=record.id,
+                density=params["density"],
+                atom_mask=_atom_mask(params["atom_mask"], int(record.config["num_atoms"])),
+                top_atoms=params["top_atoms"],
+            )
+        with runtime.host.route([route] * count):
+            images = runtime.pipeline(
+                prompt=params["prompt"],
+                negative_prompt=params["negative_prompt"],
+                num_images_per_prompt=count,
+                num_inference_steps=steps,
+                guidance_scale=params["guidance_scale"],
+                width=params["width"],
+                height=params["height"],
+                generator=torch.Generator().manual_seed(params["seed"]),
+                use_resolution_binning=False,
+                clean_caption=False,
+                max_sequence_length=runtime.max_sequence_length,
+                callback=on_step,
+            ).images
+    with ctx.storage.replacing(ctx.storage.outputs_dir(job.tenant_id, job.id)) as tmp:
+        for index, image in enumerate(images):
+            image.save(tmp / f"{index}.png")
+    return {"images": len(images), "seed": params["seed"], "adapter_tier": tier}
+
+
+@app.task(name=TASKS["finetune"])
+def finetune_task(job_id: str) -> None:
+    run_job(job_id, train)
+
+
+@app.task(name=TASKS["generate"])
+def generate_task(job_id: str) -> None:
+    run_job(job_id, generate)
