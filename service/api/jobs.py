@@ -22,8 +22,9 @@ def get_job(job: JobDep) -> JobOut:
 @router.delete("/{job_id}", status_code=202, response_model=JobOut, responses=ERRORS)
 def cancel_job(job: JobDep, services: ServicesDep) -> JobOut:
     """Cancel: a queued job never runs; a running one stops at its next step."""
-    outcome = services.jobs.cancel(job.id)
-    if outcome not in ("cancelled", "cancelling"):
+    # The script reports the job's own status when it ended before (or while) we asked.
+    outcome = job.status if job.terminal else services.jobs.cancel(job.id)
+    if job.terminal or outcome not in ("cancelled", "cancelling"):
         raise ApiError(409, "job_finished", f"job '{job.id}' already {outcome}; there is nothing to cancel")
     current = services.jobs.get(job.id)
     assert current is not None

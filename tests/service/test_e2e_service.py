@@ -5,14 +5,15 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+from httpx import Client as Api
 from PIL import Image
 
-from conftest import REPO, Api
-
 pytestmark = pytest.mark.usefixtures("worker")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def generate(api: Api, wait_job: Callable[..., dict], **body: object) -> dict:

@@ -1,0 +1,117 @@
+"""Job execution on the real worker: cancellation, progress events, crashes and redelivery."""
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+from httpx import Client as Api
+
+from service.jobs import JobStore
+from service.queue import enqueue, make_celery
+from service.redis_db import connect
+from service.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("worker")
+TRAINING = {"prompt": "a photo of a blue square", "atoms": 16, "density": 0.25, "learning_rate": 0.01}
+
+
+def start_training(api: Api, image_bytes: Callable[..., bytes], steps: int) -> tuple[str, str]:
+    files = [("images", ("a.png", image_bytes((30, 30, 200)), "image/png"))]
+    response = api.post("/v1/adapters", data={**TRAINING, "steps": steps}, files=files)
+    assert response.status_code == 202, response.text
+    return response.json()["adapter_id"], response.json()["job_id"]
+
+
+def running_with_steps(min_step: int) -> Callable[[dict], bool]:
+    def check(job: dict) -> bool:
+        assert job["status"] in ("queued", "running"), job
+        return job["status"] == "running" and job["progress"]["step"] >= min_step
+
+    return check
+
+
+def test_cancel_stops_a_running_job_and_a_queued_one_never_runs(
+    new_tenant: Callable[[str], Api], wait_job: Callable[..., dict], image_bytes: Callable[..., bytes]
+) -> None:
+    api = new_tenant("cancel")
+    adapter_id, training = start_training(api, image_bytes, steps=5000)
+    wait_job(api, training, until=running_with_steps(1))
+
+    # The only worker process is busy, so this generation waits in the queue.
+    queued = api.post("/v1/generations", json={"prompt": "x", "steps": 2}).json()["job_id"]
+    assert api.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
+    cancelled = api.delete(f"/v1/jobs/{queued}")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+
+    stopping = api.delete(f"/v1/jobs/{training}")
+    assert stopping.status_code == 202 and stopping.json()["cancel_requested"] is True
+    job = wait_job(api, training, timeout=60)
+    assert job["status"] == "cancelled" and job["progress"]["step"] < 5000
+    assert api.get(f"/v1/adapters/{adapter_id}").json()["status"] == "cancelled"
+
+    # A later generation runs, so the worker has taken the cancelled message off the queue by now.
+    later = api.post("/v1/generations", json={"prompt": "x", "steps": 2}, params={"wait": 60}).json()
+    assert later["job"]["status"] == "succeeded"
+    skipped = api.get(f"/v1/jobs/{queued}").json()
+    assert skipped["status"] == "cancelled" and skipped["started_at"] is None and skipped["attempts"] == 0
+    again = api.delete(f"/v1/jobs/{queued}")
+    assert again.status_code == 409 and "nothing to cancel" in again.json()["error"]["message"]
+
+
+def test_event_stream_delivers_progress_and_ends_with_the_job(
+    new_tenant: Callable[[str], Api], image_bytes: Callable[..., bytes]
+) -> None:
+    api = new_tenant("events")
+    _, job_id = start_training(api, image_bytes, steps=20)
+    events: list[tuple[str, dict]] = []
+    with api.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: ") and name:
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    # The stream closed by itself once the job ended.
+    assert events[0][0] == "status" and events[0][1]["status"] in ("queued", "running")
+    assert events[-1][0] == "status" and events[-1][1]["status"] == "succeeded"
+    steps = [data["step"] for name, data in events if name == "progress"]
+    assert steps and steps == sorted(steps) and steps[-1] == 20
+    assert all(data["loss"] is not None for name, data in events if name == "progress")
+
+
+def test_a_killed_worker_process_loses_no_job(
+    new_tenant: Callable[[str], Api],
+    wait_job: Callable[..., dict],
+    image_bytes: Callable[..., bytes],
+    settings: Settings,
+) -> None:
+    api = new_tenant("crash")
+    adapter_id, job_id = start_training(api, image_bytes, steps=150)
+    wait_job(api, job_id, until=running_with_steps(2))
+    # The API does not expose which process runs a job; the record does.
+    running = JobStore(connect(settings.redis_url)).get(job_id)
+    assert running is not None and running.worker_pid
+    os.kill(running.worker_pid, signal.SIGKILL)
+
+    job = wait_job(api, job_id, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2 and job["progress"]["step"] == 150
+    assert api.get(f"/v1/adapters/{adapter_id}").json()["status"] == "ready"
+
+
+def test_a_redelivered_finished_job_does_not_run_again(new_tenant: Callable[[str], Api], settings: Settings) -> None:
+    api = new_tenant("redeliver")
+    first = api.post("/v1/generations", json={"prompt": "x", "steps": 2}, params={"wait": 60}).json()["job"]
+    assert first["status"] == "succeeded"
+    celery = make_celery(settings)
+    enqueue(celery, "generate", first["id"])
+    enqueue(celery, "generate", first["id"])
+    later = api.post("/v1/generations", json={"prompt": "x", "steps": 2}, params={"wait": 60}).json()["job"]
+    assert later["status"] == "succeeded"
+    time.sleep(0.2)
+    assert api.get(f"/v1/jobs/{first['id']}").json() == first
