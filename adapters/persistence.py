@@ -69,14 +69,6 @@ def _check_values(name: str, tensor: torch.Tensor, non_negative: bool = False) -
         raise AdapterFormatError(f"tensor {name!r} has negative values; atom importance must be >= 0")
 
 
-def _num_blocks(adapter: SparseDictionaryAdapter) -> int:
-    # The adapter does not record its base's block count. With explicit target_blocks any count
-    # past the highest target rebuilds the same adapter, and the fingerprint pins the base itself.
-    if adapter.config.target_blocks is None:
-        return len(adapter.layers)
-    return max(adapter.config.target_blocks) + 1
-
-
 def _adapter_tensors(adapter: SparseDictionaryAdapter) -> dict[str, torch.Tensor]:
     config = adapter.config
     blocks = adapter.blocks
@@ -138,7 +130,7 @@ def save_adapter(adapter: SparseDictionaryAdapter, folder: str | Path) -> Path:
         "format_version": FORMAT_VERSION,
         "in_features": adapter.in_features,
         "out_features": adapter.out_features,
-        "num_blocks": _num_blocks(adapter),
+        "num_blocks": adapter.num_blocks,
     }
     tensors = _adapter_tensors(adapter)
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,9 +191,6 @@ def _read_config(path: Path) -> tuple[SparseDictionaryConfig, dict[str, int]]:
         config.validate(num_blocks=shapes["num_blocks"])
     except AdapterConfigError as error:
         raise AdapterFormatError(f"{path}: {error}") from error
-    except TypeError as error:
-        # validate() assumes JSON scalars; a list or object where a string belongs fails its lookups.
-        raise AdapterFormatError(f"{path} has a config value of the wrong JSON type ({error})") from error
     return config, shapes
 
 

@@ -248,7 +248,7 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
     "missing field": (edit_config(lambda c: c.pop("density")), r"missing config fields: \['density'\]"),
     "missing shape field": (edit_config(lambda c: c.pop("num_blocks")), r"lacks the fields \['num_blocks'\]"),
     "density out of range": (edit_config(lambda c: c.update(density=1.5)), r"density must be in \(0, 1\], got 1\.5"),
-    "wrong value type": (edit_config(lambda c: c.update(dtype=["float32"])), r"config value of the wrong JSON type"),
+    "wrong value type": (edit_config(lambda c: c.update(dtype=["float32"])), r"dtype must be one of"),
     "zero features": (
         edit_config(lambda c: c.update(in_features=0)),
         r"in_features must be an integer in \[1, 65536\]",

@@ -75,11 +75,11 @@ class SparseDictionaryConfig:
             raise AdapterConfigError(f"num_atoms must be in [1, {MAX_ATOMS}], got {self.num_atoms}")
         if not isinstance(self.density, int | float) or not 0.0 < float(self.density) <= 1.0:
             raise AdapterConfigError(f"density must be in (0, 1], got {self.density!r}")
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise AdapterConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.threshold, int | float) or not 0.0 <= float(self.threshold) < 1e4:
             raise AdapterConfigError(f"threshold must be a number in [0, 1e4), got {self.threshold!r}")
-        if self.dtype not in STORAGE_DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in STORAGE_DTYPES:
             raise AdapterConfigError(f"dtype must be one of {tuple(STORAGE_DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.base_fingerprint, str):
             raise AdapterConfigError("base_fingerprint must be a string")

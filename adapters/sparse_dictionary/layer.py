@@ -51,6 +51,7 @@ class SparseDictionaryAdapter(nn.Module):
         self.config = config
         self.in_features = in_features
         self.out_features = out_features
+        self.num_blocks = num_blocks
         self.layers = nn.ModuleDict(
             {
                 str(block): SparseDictionaryLayer(in_features, out_features, config.num_atoms, config.torch_dtype)
@@ -105,12 +106,11 @@ def keep_top_k(coefficients: torch.Tensor, k_per_row: torch.Tensor) -> torch.Ten
     """
     k_max = int(k_per_row.max())
     indices = coefficients.abs().topk(k_max, dim=-1, sorted=True).indices
-    if bool((k_per_row == k_max).all()):
-        keep = torch.zeros_like(coefficients).scatter_(-1, indices, 1.0)
-    else:
+    kept = coefficients.gather(-1, indices)
+    if not bool((k_per_row == k_max).all()):
         rank_kept = torch.arange(k_max, device=coefficients.device) < k_per_row.view(-1, 1, 1)
-        keep = torch.zeros_like(coefficients).scatter_(-1, indices, rank_kept.expand_as(indices).to(coefficients.dtype))
-    return coefficients * keep
+        kept = kept * rank_kept
+    return torch.zeros_like(coefficients).scatter_(-1, indices, kept)
 
 
 @dataclass
@@ -181,8 +181,7 @@ class SparseDictionaryAttnProcessor:
             attended, mixed = fused_attention(query, key, value, coefficients, attention_mask, attn.scale)
 
         attended = attended.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
-        output = attn.to_out[1](attn.to_out[0](attended))
-        output = output + dictionary_update(mixed.transpose(1, 2), groups, output.shape)
+        output = add_dictionary_update(attn.to_out[1](attn.to_out[0](attended)), mixed.transpose(1, 2), groups)
         if attn.residual_connection:
             output = output + hidden_states
         return output / attn.rescale_output_factor
@@ -266,17 +265,17 @@ def reference_attention(
     return attention_map @ value, attention_map @ coefficients
 
 
-def dictionary_update(mixed: torch.Tensor, groups: list[GroupPlan], shape: torch.Size) -> torch.Tensor:
-    """ΔO = (A·S)·D per group of rows; ``mixed`` is (B, N, H, m_max)."""
+def add_dictionary_update(output: torch.Tensor, mixed: torch.Tensor, groups: list[GroupPlan]) -> torch.Tensor:
+    """output + ΔO, ΔO = (A·S)·D per group of rows; ``mixed`` is A·S laid out (B, N, H, m_max)."""
     batch, tokens, heads, _ = mixed.shape
     if len(groups) == 1 and groups[0].rows is None:
         dictionary = groups[0].layer.dictionary.to(mixed.dtype)
-        return mixed.reshape(batch, tokens, -1) @ dictionary
-    update = mixed.new_zeros(shape)
+        flat = torch.addmm(output.reshape(batch * tokens, -1), mixed.reshape(batch * tokens, -1), dictionary)
+        return flat.view(output.shape)
     for group in groups:
         per_head = group.config.num_atoms // heads
         rows = mixed if group.rows is None else mixed[group.rows]
         rows = rows[..., :per_head].reshape(rows.shape[0], tokens, -1)
         delta = rows @ group.layer.dictionary.to(mixed.dtype)
-        update = update + delta if group.rows is None else update.index_add(0, group.rows, delta)
-    return update
+        output = output + delta if group.rows is None else output.index_add(0, group.rows, delta)
+    return output
