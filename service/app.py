@@ -12,6 +12,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.api import adapters, generations, health, jobs
 from service.context import Services
 from service.errors import error_body, install_error_handlers
+from service.limits import BodyLimitMiddleware
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """Fine-tune sparse dictionary adapters on a shared frozen PixArt-Σ and generate with them.
@@ -34,9 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        # FastAPI sets no body limit by itself; this bounds every request, uploads included.
-        max_body_size=settings.max_request_bytes,
     )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:

@@ -51,12 +51,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         phrase = HTTPStatus(exc.status_code).phrase
-        code = phrase.lower().replace(" ", "_").replace("-", "_")
+        code = getattr(exc, "code", None) or phrase.lower().replace(" ", "_").replace("-", "_")
         message = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else phrase
         if exc.status_code == 404:
             message = "no such route; see /docs for the API"
-        elif exc.status_code == 413:
-            message = "the request body is too large; send fewer or smaller files"
         return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:

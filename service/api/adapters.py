@@ -5,7 +5,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import AdapterDep, ServicesDep, TenantDep, check_job_quota
+from service.api.deps import AdapterDep, ServicesDep, TenantDep, check_job_quota, check_side
 from service.api.schemas import (
     MAX_SEED,
     AdapterCreated,
@@ -57,8 +57,7 @@ def create_adapter(
     settings = services.settings
     if not 1 <= len(images) <= MAX_IMAGES:
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")
-    if form.resolution is not None and (form.resolution > settings.max_resolution or form.resolution % 8):
-        raise invalid(f"resolution must be a multiple of 8 and at most {settings.max_resolution}")
+    check_side("resolution", form.resolution, settings.max_resolution)
     check_job_quota(services, tenant)
     checked: list[CheckedImage] = [
         check_image(

@@ -7,7 +7,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.catalog import AdapterRecord
 from service.context import Services
-from service.errors import ApiError, not_found
+from service.errors import ApiError, invalid, not_found
 from service.ids import is_valid_id
 from service.jobs import Job
 from service.tenants import Tenant
@@ -61,3 +61,12 @@ def check_job_quota(services: Services, tenant: Tenant) -> None:
         raise ApiError(
             429, "too_many_jobs", f"you have {limit} jobs queued or running; wait for some to finish or cancel them"
         )
+
+
+# PixArt's VAE downsamples by 8 and its transformer patches latents by 2.
+SIDE_MULTIPLE = 16
+
+
+def check_side(name: str, value: int | None, max_side: int) -> None:
+    if value is not None and (value > max_side or value % SIDE_MULTIPLE):
+        raise invalid(f"{name} must be a multiple of {SIDE_MULTIPLE} and at most {max_side}")

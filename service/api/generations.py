@@ -4,7 +4,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import ServicesDep, TenantDep, check_job_quota, owned_adapter
+from service.api.deps import ServicesDep, TenantDep, check_job_quota, check_side, owned_adapter
 from service.api.schemas import MAX_SEED, ErrorResponse, GenerationAccepted, GenerationRequest, JobOut
 from service.catalog import AdapterRecord
 from service.context import Services
@@ -39,11 +39,8 @@ def _check_adapter_options(request: GenerationRequest, record: AdapterRecord | N
 
 
 def _submit(request: GenerationRequest, tenant: Tenant, services: Services) -> str:
-    max_res = services.settings.max_resolution
-    for side in ("width", "height"):
-        value = getattr(request, side)
-        if value is not None and (value > max_res or value % 8):
-            raise invalid(f"{side} must be a multiple of 8 and at most {max_res}")
+    check_side("width", request.width, services.settings.max_resolution)
+    check_side("height", request.height, services.settings.max_resolution)
     record = owned_adapter(request.adapter_id, tenant, services) if request.adapter_id else None
     _check_adapter_options(request, record, services)
     check_job_quota(services, tenant)

@@ -1,0 +1,212 @@
+"""The gateway's contract: auth, validation with messages that say what to fix, ownership, paging."""
+
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from httpx import Client as Api
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from service.tenants import TenantStore
+
+UNKNOWN_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+
+
+def error_of(response: object) -> dict:
+    body = response.json()  # type: ignore[attr-defined]
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]
+
+
+def test_health_docs_and_unknown_routes(gateway: str) -> None:
+    with Api(base_url=gateway) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "workers": None}
+        assert client.get("/docs").status_code == 200
+        assert "/v1/generations" in client.get("/openapi.json").json()["paths"]
+        response = client.get("/v1/nothing-here")
+        assert response.status_code == 404 and "see /docs" in error_of(response)["message"]
+
+
+def test_readyz_needs_a_live_worker(settings: Settings) -> None:
+    # A Redis database no worker heartbeats into: Redis answers, but no worker is alive.
+    lonely = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/3"})
+    with TestClient(create_app(lonely)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503 and "atomtune worker" in error_of(response)["message"]
+
+
+def test_auth_rejects_missing_wrong_and_revoked_keys(gateway: str, tenants: TenantStore) -> None:
+    with Api(base_url=gateway) as client:
+        missing = client.get("/v1/adapters")
+        assert missing.status_code == 401 and "Bearer" in error_of(missing)["message"]
+        assert missing.headers["www-authenticate"] == "Bearer"
+        for key in ("nonsense", "atk_0000_secret", "Basic abc"):
+            response = client.get("/v1/adapters", headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 401, key
+        tenant, key = tenants.create("to-revoke")
+        headers = {"Authorization": f"Bearer {key}"}
+        assert client.get("/v1/adapters", headers=headers).status_code == 200
+        # A right key id with a wrong secret fails like an unknown key.
+        assert client.get("/v1/adapters", headers={"Authorization": f"Bearer {key[:-2]}xx"}).status_code == 401
+        tenants.revoke(tenant.id)
+        assert client.get("/v1/adapters", headers=headers).status_code == 401
+
+
+def noise_png(side: int) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "status", "says"),
+    [
+        ([], {"prompt": "p"}, 422, "images"),
+        ("eleven", {"prompt": "p"}, 422, "1-10 images"),
+        ([("images", ("t.txt", b"hello", "text/plain"))], {"prompt": "p"}, 415, "PNG, JPEG or WebP"),
+        ([("images", ("g.gif", gif_bytes(), "image/gif"))], {"prompt": "p"}, 415, "is GIF"),
+        ([("images", ("big.png", noise_png(200), "image/png"))], {"prompt": "p"}, 413, "limit is 100000 bytes"),
+        ([("images", ("wide.png", Image.new("RGB", (300, 300)), "image/png"))], {"prompt": "p"}, 422, "300x300"),
+        ("one", {}, 422, "prompt: Field required"),
+        ("one", {"prompt": "p", "steps": 0}, 422, "steps: Input should be greater than or equal to 1"),
+        ("one", {"prompt": "p", "activation": "tanh"}, 422, "activation"),
+        ("one", {"prompt": "p", "resolution": 50}, 422, "multiple of 16"),
+        ("one", {"prompt": "p", "learning_rate": 5}, 422, "learning_rate"),
+    ],
+)
+def test_training_uploads_are_validated(
+    new_tenant: Callable[[str], Api],
+    image_bytes: Callable[..., bytes],
+    files: object,
+    data: dict,
+    status: int,
+    says: str,
+) -> None:
+    api = new_tenant("uploads")
+    one = [("images", ("a.png", image_bytes((1, 2, 3)), "image/png"))]
+    if files == "one":
+        files = one
+    elif files == "eleven":
+        files = one * 11
+    else:
+        files = [
+            (field, (name, _encode(content), kind))
+            for field, (name, content, kind) in files  # type: ignore[union-attr]
+        ]
+    response = api.post("/v1/adapters", data=data, files=files or None)
+    assert response.status_code == status, response.text
+    assert says in error_of(response)["message"]
+    assert api.get("/v1/adapters").json()["items"] == []
+
+
+def _encode(content: object) -> bytes:
+    if isinstance(content, Image.Image):
+        buffer = io.BytesIO()
+        content.save(buffer, format="PNG")
+        return buffer.getvalue()
+    assert isinstance(content, bytes)
+    return content
+
+
+@pytest.mark.parametrize(
+    ("body", "params", "status", "says"),
+    [
+        ({"prompt": "p", "num_images": 5}, {}, 422, "num_images: Input should be less than or equal to 4"),
+        ({"prompt": "p", "density": 0.5}, {}, 422, "density applies to an adapter"),
+        ({"prompt": "p", "top_atoms": 3}, {}, 422, "top_atoms applies to an adapter"),
+        ({"prompt": "p", "adapter_id": UNKNOWN_ID}, {}, 404, f"adapter '{UNKNOWN_ID}' does not exist"),
+        ({"prompt": "p", "adapter_id": "../../etc"}, {}, 404, "does not exist"),
+        ({"prompt": "p", "width": 100}, {}, 422, "width must be a multiple of 16"),
+        ({"prompt": "p", "height": 2048}, {}, 422, "at most 1024"),
+        ({"prompt": "p", "atom_masks": {}}, {}, 422, "atom_masks: Extra inputs are not permitted"),
+        ({"prompt": ""}, {}, 422, "prompt: String should have at least 1 character"),
+        ({"prompt": "p"}, {"wait": 600}, 422, "wait must be at most 60 seconds"),
+        ({"prompt": "p", "atom_mask": {"mode": "keep", "layers": {}}}, {}, 422, "atom_mask.layers"),
+    ],
+)
+def test_generation_requests_are_validated(
+    new_tenant: Callable[[str], Api], body: dict, params: dict, status: int, says: str
+) -> None:
+    response = new_tenant("generations").post("/v1/generations", json=body, params=params)
+    assert response.status_code == status, response.text
+    assert says in error_of(response)["message"]
+
+
+def test_unknown_and_malformed_ids_answer_404(new_tenant: Callable[[str], Api]) -> None:
+    api = new_tenant("ids")
+    for url in (f"/v1/jobs/{UNKNOWN_ID}", "/v1/jobs/not-an-id", f"/v1/adapters/{UNKNOWN_ID}/atoms"):
+        response = api.get(url)
+        assert response.status_code == 404 and error_of(response)["code"] == "not_found", url
+    assert api.get("/v1/adapters", params={"cursor": "nope"}).status_code == 422
+
+
+def test_adapters_page_newest_first_and_jobs_are_bounded_per_tenant(
+    new_tenant: Callable[[str], Api], image_bytes: Callable[..., bytes]
+) -> None:
+    api = new_tenant("paging")
+    files = [("images", ("a.png", image_bytes((9, 9, 9)), "image/png"))]
+    created = []
+    for _ in range(4):  # the tests' limit of active jobs per tenant
+        response = api.post("/v1/adapters", data={"prompt": "p", "atoms": 16, "steps": 5000}, files=files)
+        assert response.status_code == 202, response.text
+        created.append(response.json())
+    refused = api.post("/v1/generations", json={"prompt": "p"})
+    assert refused.status_code == 429 and "cancel" in error_of(refused)["message"]
+    for item in created:
+        assert api.delete(f"/v1/jobs/{item['job_id']}").status_code == 202
+
+    ids = [item["adapter_id"] for item in reversed(created)]
+    first = api.get("/v1/adapters", params={"limit": 3}).json()
+    assert [a["id"] for a in first["items"]] == ids[:3] and first["next_cursor"] == ids[2]
+    second = api.get("/v1/adapters", params={"limit": 3, "cursor": first["next_cursor"]}).json()
+    assert [a["id"] for a in second["items"]] == ids[3:] and second["next_cursor"] is None
+    assert api.get("/v1/adapters", params={"limit": 101}).status_code == 422
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"not a zip", "not a zip file"),
+        (_zip({"adapter_config.json": b"{}"}), "must hold exactly"),
+        (_zip({"../adapter_config.json": b"{}", "adapter_model.safetensors": b""}), "must hold exactly"),
+        (_zip({"adapter_config.json": b"{nope", "adapter_model.safetensors": b"x"}), "adapter_config.json"),
+    ],
+)
+def test_imports_are_validated_by_the_engine(new_tenant: Callable[[str], Api], content: bytes, says: str) -> None:
+    response = new_tenant("imports").post("/v1/adapters/import", files={"file": ("a.zip", content)})
+    assert response.status_code == 422, response.text
+    assert says in error_of(response)["message"]
+
+
+def test_request_bodies_are_bounded(new_tenant: Callable[[str], Api], settings: Settings) -> None:
+    api = new_tenant("body")
+    huge = b"x" * (settings.max_request_bytes + 1)
+    response = api.post("/v1/adapters", files={"images": ("a.png", huge, "image/png")}, data={"prompt": "p"})
+    assert response.status_code == 413 and "send fewer or smaller files" in error_of(response)["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit cuts the stream off
+        for _ in range(settings.max_request_bytes // 2**20 + 2):
+            yield b"x" * 2**20
+
+    streamed = api.post("/v1/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and error_of(streamed)["code"] == "content_too_large"
