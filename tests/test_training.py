@@ -147,3 +147,18 @@ def test_bad_training_configs_are_rejected() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             config.validate()
+
+
+def test_gradient_checkpointing_and_mixed_precision_run_the_same_loop() -> None:
+    pipeline = build_tiny_pipeline(seed=0)
+    host = AdapterHost(pipeline.transformer)
+    config = SparseDictionaryConfig(num_atoms=16, density=0.25)
+    plain = train_adapter(pipeline, host, concept_images(2), PROMPT, config, training_config(3))
+    checkpointed = train_adapter(
+        pipeline, host, concept_images(2), PROMPT, config, training_config(3, gradient_checkpointing=True)
+    )
+    assert np.allclose(plain.losses, checkpointed.losses, rtol=1e-5)
+    assert not pipeline.transformer.is_gradient_checkpointing
+    bf16 = train_adapter(pipeline, host, concept_images(2), PROMPT, config, training_config(3, mixed_precision="bf16"))
+    assert np.allclose(plain.losses, bf16.losses, rtol=0.1)
+    assert all(p.dtype == torch.float32 for p in bf16.adapter.parameters())
