@@ -11,6 +11,7 @@ from service.context import Services
 from service.errors import ApiError, invalid
 from service.ids import new_id
 from service.queue import enqueue
+from service.storage import read_atoms
 from service.tenants import Tenant
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -28,8 +29,11 @@ def _check_adapter_options(request: GenerationRequest, record: AdapterRecord | N
         raise ApiError(409, "adapter_not_ready", f"adapter '{record.id}' is {status}; wait until it is ready")
     num_atoms = int(record.config.get("num_atoms", 0))
     layers = set(record.layers or [])
-    if request.top_atoms is not None and request.top_atoms > num_atoms:
-        raise invalid(f"top_atoms must be at most the adapter's {num_atoms} atoms")
+    if request.top_atoms is not None:
+        if request.top_atoms > num_atoms:
+            raise invalid(f"top_atoms must be at most the adapter's {num_atoms} atoms")
+        if read_atoms(services.storage.adapter_dir(record.tenant_id, record.id)) is None:
+            raise invalid(f"adapter '{record.id}' carries no atom importance, so top_atoms cannot rank its atoms")
     if request.atom_mask is not None:
         for layer, atoms in request.atom_mask.layers.items():
             if layer not in layers:

@@ -1,0 +1,62 @@
+"""Job state transitions on a real Redis: what a redelivery, a cancel or a stale worker may do."""
+
+import pytest
+
+from service.ids import new_id
+from service.jobs import JobStore
+from service.redis_db import connect
+from service.settings import Settings
+
+
+@pytest.fixture
+def jobs(settings: Settings) -> JobStore:
+    return JobStore(connect(settings.redis_url))
+
+
+def make(jobs: JobStore) -> str:
+    job_id = new_id()
+    jobs.create(job_id, new_id(), "generate", {"prompt": "p"}, total=3)
+    return job_id
+
+
+def test_a_redelivery_takes_over_and_fences_off_the_first_run(jobs: JobStore) -> None:
+    job_id = make(jobs)
+    tenant = jobs.get(job_id).tenant_id  # type: ignore[union-attr]
+    assert jobs.active_count(tenant) == 1
+    assert jobs.claim(job_id, pid=1, max_attempts=3) == ("claimed", 1)
+    assert jobs.progress(job_id, 1, 1, 3, 0.5) == "0"
+    # The message came back (the first process died): the job starts over as attempt 2.
+    assert jobs.claim(job_id, pid=2, max_attempts=3) == ("claimed", 2)
+    job = jobs.get(job_id)
+    assert job is not None and job.step == 0 and job.worker_pid == 2 and job.status == "running"
+    assert jobs.progress(job_id, 1, 2, 3) == "stale"
+    assert jobs.finish(job_id, 1, "succeeded", {"images": 1}) == "running"
+    assert jobs.finish(job_id, 2, "succeeded", {"images": 1}) == "ok"
+    done = jobs.get(job_id)
+    assert done is not None and done.status == "succeeded" and done.result == {"images": 1}
+    assert done.finished_at is not None and jobs.active_count(tenant) == 0
+    # A finished job delivered again does not run again.
+    assert jobs.claim(job_id, pid=3, max_attempts=3) == ("succeeded", 0)
+
+
+def test_cancel_queued_running_and_finished(jobs: JobStore) -> None:
+    queued = make(jobs)
+    assert jobs.cancel(queued) == "cancelled"
+    assert jobs.claim(queued, pid=1, max_attempts=3) == ("cancelled", 0)
+
+    running = make(jobs)
+    jobs.claim(running, pid=1, max_attempts=3)
+    assert jobs.cancel(running) == "cancelling"
+    assert jobs.progress(running, 1, 1, 3) == "1"
+    # If the worker dies before it notices, the redelivery ends the job instead of rerunning it.
+    assert jobs.claim(running, pid=2, max_attempts=3) == ("cancelled", 0)
+    assert jobs.cancel(running) == "cancelled"
+
+
+def test_a_job_that_keeps_killing_workers_is_given_up(jobs: JobStore) -> None:
+    job_id = make(jobs)
+    for attempt in (1, 2):
+        assert jobs.claim(job_id, pid=attempt, max_attempts=2) == ("claimed", attempt)
+    assert jobs.claim(job_id, pid=3, max_attempts=2)[0] == "failed"
+    job = jobs.get(job_id)
+    assert job is not None and job.error_code == "worker_lost" and "2 times" in (job.error_message or "")
