@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    worker_metrics_port: int = Field(
+        default=9101,
+        ge=0,
+        le=65535,
+        description="First port of a worker's /metrics; pool process i serves on this + i. 0 turns it off.",
+    )
 
     base_model: str | None = Field(
         default=None,
@@ -34,7 +40,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=10 * MiB, ge=1)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_request_bytes: int = Field(default=110 * MiB, ge=1)
-    max_adapter_bytes: int = Field(default=512 * MiB, ge=1)
+    max_adapter_bytes: int = Field(default=100 * MiB, ge=1)
     max_resolution: int = Field(default=1024, ge=16)
     max_active_jobs_per_tenant: int = Field(default=16, ge=1)
     max_wait_seconds: float = Field(default=60.0, ge=0)
@@ -46,7 +52,7 @@ class Settings(BaseSettings):
     @property
     def job_soft_time_limit_seconds(self) -> int:
         # The soft limit fires first so the task itself can record why it stopped.
-        return max(self.job_time_limit_seconds - 30, self.job_time_limit_seconds * 9 // 10)
+        return self.job_time_limit_seconds * 9 // 10
 
     @property
     def visibility_timeout_seconds(self) -> int:
