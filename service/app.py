@@ -13,6 +13,7 @@ from service.api import adapters, generations, health, jobs
 from service.context import Services
 from service.errors import error_body, install_error_handlers
 from service.limits import BodyLimitMiddleware
+from service.metrics import install_metrics
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """Fine-tune sparse dictionary adapters on a shared frozen PixArt-Σ and generate with them.
@@ -37,6 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    # After the body limit, so the metrics middleware is outside it and counts its refusals too.
+    install_metrics(app)
     install_error_handlers(app)
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:

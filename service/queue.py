@@ -9,6 +9,7 @@ Messages carry only a job id; everything else is read from the job's record.
 from celery import Celery
 
 from service.jobs import JobKind
+from service.metrics import JOBS_SUBMITTED
 from service.settings import Settings
 
 FINETUNE_QUEUE = "atomtune.finetune"
@@ -44,3 +45,4 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
 
 def enqueue(app: Celery, kind: JobKind, job_id: str) -> None:
     app.send_task(TASKS[kind], args=[job_id], queue=QUEUES[kind])
+    JOBS_SUBMITTED.labels(kind).inc()

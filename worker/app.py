@@ -16,6 +16,7 @@ from service import workers_registry
 from service.queue import make_celery
 from service.redis_db import connect
 from service.settings import get_settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -48,6 +49,7 @@ def _leave(**_: Any) -> None:
 
 @worker_process_init.connect
 def _preload(**_: Any) -> None:
+    metrics.serve(settings)
     # In a thread: this signal must return within seconds, a base model can take minutes.
     from worker.runtime import BaseModelMissing, get_runtime
 

@@ -67,6 +67,10 @@ class AdapterCache:
         self.host.add(adapter_id, adapter)
         self._resident[adapter_id] = None
 
+    def resident(self) -> dict[Tier, int]:
+        """How many adapters each tier holds now."""
+        return {"device": len(self._resident), "host": len(self._memory)}
+
     def discard(self, adapter_id: str) -> None:
         if adapter_id in self._resident:
             del self._resident[adapter_id]

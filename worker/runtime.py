@@ -14,6 +14,7 @@ from diffusers import PixArtSigmaPipeline
 from adapters import AdapterHost
 from service.redis_db import BASE_FINGERPRINT_KEY, connect
 from service.settings import Settings
+from worker import metrics
 from worker.cache import AdapterCache
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Runtime:
         self.lock = threading.Lock()
         # The gateway checks imported adapters against the base the workers serve.
         connect(settings.redis_url).set(BASE_FINGERPRINT_KEY, self.fingerprint)
+        metrics.instrument(self, settings)
         log.info(
             "loaded base model %s on %s/%s in %.1f s (fingerprint %s)",
             settings.base_model,

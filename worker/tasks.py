@@ -35,6 +35,7 @@ from service.settings import Settings, get_settings
 from service.storage import ADAPTER_SUBDIR, Storage
 from worker.adapter_files import save_adapter_dir
 from worker.app import app
+from worker.metrics import adapter_acquired, denoising, finetune_progress, job_finished
 from worker.runtime import BaseModelMissing, Runtime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def run_job(job_id: str, body: Body) -> None:
         log.exception("job %s failed", job_id)
         code, message = "internal", "the worker failed while running the job; its log has the details"
     ctx.jobs.finish(job_id, attempt, status, result=result, error_code=code, error_message=message)  # type: ignore[arg-type]
+    job_finished(job, status)
 
 
 def _adapter_of(ctx: WorkerContext, job: Job) -> AdapterRecord:
@@ -176,7 +178,7 @@ def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]:
             params["prompt"],
             config,
             training_config,
-            on_progress=reporter.progress,
+            on_progress=finetune_progress(reporter.progress),
             should_stop=reporter.should_stop,
         )
         target = ctx.storage.adapter_dir(job.tenant_id, record.id)
@@ -231,13 +233,14 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]
                 ),
             )
             tier = hit.tier
+            adapter_acquired(hit)
             route = SampleRoute(
                 adapter=record.id,
                 density=params["density"],
                 atom_mask=_atom_mask(params["atom_mask"], int(record.config["num_atoms"])),
                 top_atoms=params["top_atoms"],
             )
-        with runtime.host.route([route] * count):
+        with runtime.host.route([route] * count), denoising():
             images = runtime.pipeline(
                 prompt=params["prompt"],
                 negative_prompt=params["negative_prompt"],

@@ -100,6 +100,7 @@ def service_env(redis_url: str, base_model: str, tmp_path_factory: pytest.TempPa
         "ATOMTUNE_BASE_MODEL": base_model,
         "ATOMTUNE_DEVICE": "cpu",
         "ATOMTUNE_WORKER_HEARTBEAT_SECONDS": "1",
+        "ATOMTUNE_WORKER_METRICS_PORT": str(free_port()),
         "ATOMTUNE_MAX_IMAGE_BYTES": "100000",
         "ATOMTUNE_MAX_IMAGE_PIXELS": str(256 * 256),
         "ATOMTUNE_MAX_ACTIVE_JOBS_PER_TENANT": "4",
