@@ -86,10 +86,9 @@ def test_tenant_trains_generates_downloads_and_other_tenants_see_nothing(
     assert tuned["result"]["adapter_tier"] == "device"
     sparser = generate(owner, wait_job, adapter_id=adapter_id, density=0.0625)
     masked = generate(owner, wait_job, adapter_id=adapter_id, atom_mask={"mode": "drop", "layers": {"0": top}})
-    images = {
-        name: pixels(owner, job["result"]["images"][0])
-        for name, job in {"base": base, "tuned": tuned, "sparser": sparser, "masked": masked}.items()
-    }
+    core = generate(owner, wait_job, adapter_id=adapter_id, top_atoms=2)
+    jobs = {"base": base, "tuned": tuned, "sparser": sparser, "masked": masked, "core": core}
+    images = {name: pixels(owner, job["result"]["images"][0]) for name, job in jobs.items()}
     assert images["base"].shape == (64, 64, 3)
     names = list(images)
     for i, first in enumerate(names):
