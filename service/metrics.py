@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import workers_registry
@@ -80,21 +80,20 @@ def _error_code(body: bytes) -> str:
 class MetricsMiddleware:
     """Counts and times every HTTP request; the outermost middleware, so it also sees early refusals."""
 
-    def __init__(self, app: ASGIApp, routes: Callable[[], Iterable[object]]) -> None:
+    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
         self.app = app
-        self.routes = routes
+        self.api = api
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None
 
     def _route(self, scope: Scope) -> str:
-        # FastAPI records the matched route in the scope; a request refused before routing (a body
-        # over the limit) has none, so match it here the same way.
         route = scope.get("route")
-        if route is None:
-            for candidate in self.routes():
-                match, _ = candidate.matches(scope)  # type: ignore[attr-defined]
-                if match != Match.NONE:
-                    route = candidate
-                    break
-        return getattr(route, "path", None) or "unmatched"
+        if route is not None:
+            return str(route.path)
+        # FastAPI records the matched route in the scope; a request refused before routing (a body
+        # over the limit) has none, so its path is matched against the API's route templates.
+        if self._templates is None:
+            self._templates = [(compile_path(path)[0], path) for path in self.api.openapi()["paths"]]
+        return next((template for regex, template in self._templates if regex.match(scope["path"])), "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -171,7 +170,7 @@ def install_metrics(app: FastAPI) -> None:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     registry.register(RedisCollector(lambda: getattr(app.state, "services", None)))
-    app.add_middleware(MetricsMiddleware, routes=lambda: app.router.routes)
+    app.add_middleware(MetricsMiddleware, api=app)
 
     def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

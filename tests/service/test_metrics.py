@@ -4,17 +4,19 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from httpx import Client as Api
 from prometheus_client.parser import text_string_to_metric_families
 
-pytestmark = pytest.mark.usefixtures("worker")
+from service.app import create_app
+from service.settings import Settings
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(url: str) -> tuple[set[str], Samples]:
+def scrape(url: str, client: httpx.Client | None = None) -> tuple[set[str], Samples]:
     """The metric family names and every sample (name and labels -> value) at a /metrics URL."""
-    response = httpx.get(url, timeout=10)
+    response = client.get(url) if client else httpx.get(url, timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     families = list(text_string_to_metric_families(response.text))
     samples = {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
@@ -29,6 +31,29 @@ def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+def test_gateway_labels_routes_by_template_and_rejections_by_error_code() -> None:
+    # Nothing answers on port 1: the queue depth must then be absent, not a false zero.
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", max_request_bytes=10)
+    with TestClient(create_app(settings)) as client:
+        _, before = scrape("/metrics", client)
+        assert client.post("/v1/generations", content=b"{}" * 10).status_code == 413
+        assert client.put("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 405
+        assert client.get("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 401
+        assert client.get("/no/such/route").status_code == 404
+        names, after = scrape("/metrics", client)
+    four = {"status_class": "4xx"}
+    # Refused by the body limit before routing, yet labelled with its route.
+    assert moved(before, after, "atomtune_http_requests_total", method="POST", route="/v1/generations", **four) == 1
+    assert moved(before, after, "atomtune_http_requests_total", method="PUT", route="/v1/jobs/{job_id}", **four) == 1
+    assert moved(before, after, "atomtune_http_requests_total", method="GET", route="unmatched", **four) == 1
+    for reason in ("content_too_large", "method_not_allowed", "unauthenticated", "not_found"):
+        assert moved(before, after, "atomtune_requests_rejected_total", reason=reason) == 1, reason
+    assert moved(before, after, "atomtune_auth_failures_total") == 1
+    assert "atomtune_queue_depth" in names
+    assert not [key for key in after if key[0] in ("atomtune_queue_depth", "atomtune_workers_alive")]
+
+
+@pytest.mark.usefixtures("worker")
 def test_a_job_end_to_end_moves_gateway_and_worker_metrics(
     gateway: str,
     service_env: dict[str, str],
