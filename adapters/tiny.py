@@ -272,8 +272,13 @@ def _build_vae(seed: int) -> AutoencoderKL:
     return vae.eval()
 
 
-def _build_transformer(
-    seed: int, *, num_layers: int, num_attention_heads: int, attention_head_dim: int, sample_size: int
+def build_tiny_transformer(
+    seed: int = 0,
+    *,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    attention_head_dim: int = 8,
+    sample_size: int = TINY_LATENT_SIZE,
 ) -> PixArtTransformer2DModel:
     """diffusers' own PixArt test transformer, except that heads x head_dim = 4 x 8 = 32 (the
     adapters need ``num_atoms`` divisible by the head count) and cross-attention matches the inner
@@ -345,7 +350,7 @@ def build_tiny_pipeline(
     tokenizer = build_tiny_tokenizer()
     text_encoder = _build_text_encoder(len(tokenizer), seed + _TEXT_ENCODER_SEED_OFFSET)
     vae = _build_vae(seed + _VAE_SEED_OFFSET)
-    transformer = _build_transformer(
+    transformer = build_tiny_transformer(
         seed + _TRANSFORMER_SEED_OFFSET,
         num_layers=num_layers,
         num_attention_heads=num_attention_heads,

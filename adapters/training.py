@@ -108,8 +108,7 @@ def encode_concept(
     pipeline: PixArtSigmaPipeline,
     images: Sequence[Image.Image],
     prompt: str,
-    resolution: int,
-    max_sequence_length: int,
+    config: TrainingConfig,
     generator: torch.Generator,
 ) -> ConceptData:
     """VAE-encode the images and T5-encode the prompt once, as the training recipe does."""
@@ -118,6 +117,7 @@ def encode_concept(
     if not prompt.strip():
         raise ValueError("the prompt must name the concept")
     device = pipeline.transformer.device
+    resolution = config.resolution or native_resolution(pipeline)
     pixels = torch.stack([_to_pixels(image, resolution) for image in images]).to(device, pipeline.vae.dtype)
     with torch.no_grad():
         distribution = pipeline.vae.encode(pixels).latent_dist
@@ -128,7 +128,7 @@ def encode_concept(
             do_classifier_free_guidance=False,
             device=device,
             clean_caption=False,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=config.max_sequence_length,
         )
     return ConceptData(latents.float(), embeds, mask)
 
@@ -165,14 +165,7 @@ def train_adapter(
     host.add(name, adapter)
     try:
         generator = torch.Generator().manual_seed(config.seed)
-        data = encode_concept(
-            pipeline,
-            images,
-            prompt,
-            config.resolution or native_resolution(pipeline),
-            config.max_sequence_length,
-            generator,
-        )
+        data = encode_concept(pipeline, images, prompt, config, generator)
         adapter.float().train()
         with host.route([SampleRoute(name)]):
             losses, seconds = _fit(
@@ -211,14 +204,7 @@ def train_baseline(
     config.validate()
     model = peft_wrap(pipeline.transformer, method, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    data = encode_concept(
-        pipeline,
-        images,
-        prompt,
-        config.resolution or native_resolution(pipeline),
-        config.max_sequence_length,
-        generator,
-    )
+    data = encode_concept(pipeline, images, prompt, config, generator)
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses, seconds = _fit(pipeline, trainable, data, config, generator, on_progress, should_stop)
     return BaselineResult(model, losses, seconds)

@@ -23,29 +23,12 @@ from adapters import (
     save_adapter,
 )
 from adapters.persistence import CONFIG_NAME, WEIGHTS_NAME
+from adapters.tiny import build_tiny_transformer
 
 
 @pytest.fixture(scope="module")
 def transformer() -> PixArtTransformer2DModel:
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_channels=32,
-        in_channels=4,
-        cross_attention_dim=32,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    )
-    return model.eval()
+    return build_tiny_transformer()
 
 
 def make_adapter(

@@ -14,30 +14,14 @@ from adapters import (
     SparseDictionaryAdapter,
     SparseDictionaryConfig,
 )
+from adapters.tiny import build_tiny_transformer
 
 ATOMS = 16
 ADDED = {"resolution": None, "aspect_ratio": None}
 
 
-def tiny_transformer(seed: int = 0, heads: int = 4) -> PixArtTransformer2DModel:
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=heads,
-        caption_channels=32,
-        in_channels=4,
-        cross_attention_dim=8 * heads,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    ).eval()
+def tiny_transformer(heads: int = 4) -> PixArtTransformer2DModel:
+    return build_tiny_transformer(num_attention_heads=heads)
 
 
 @pytest.fixture()
