@@ -78,7 +78,8 @@ def _demo_key(settings: Settings) -> str:
     return tenants.issue_key(tenant.id)
 
 
-def _stop(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def stop_process(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -> None:
+    """Ask a child to stop with ``sig``; kill it if it has not stopped within the timeout."""
     if process.poll() is not None:
         return
     process.send_signal(sig)
@@ -144,9 +145,9 @@ def run_up(host: str | None, port: int | None) -> int:
         return 0
     finally:
         if gateway is not None:
-            _stop(gateway, signal.SIGTERM)
+            stop_process(gateway, signal.SIGTERM)
         if worker is not None:
             # A cold shutdown puts running jobs back in the queue after a short grace period.
-            _stop(worker, signal.SIGQUIT)
+            stop_process(worker, signal.SIGQUIT)
         if redis_process is not None:
-            _stop(redis_process, signal.SIGTERM)
+            stop_process(redis_process, signal.SIGTERM)

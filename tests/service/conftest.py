@@ -19,6 +19,7 @@ from service import workers_registry
 from service.redis_db import connect
 from service.settings import Settings
 from service.tenants import TenantStore
+from service.up import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_SECONDS = 120.0
@@ -37,16 +38,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def stop(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM, timeout: float = 20.0) -> None:
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
@@ -81,7 +72,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     process = start_redis(tmp_path_factory.mktemp("redis"), port)
     yield f"redis://127.0.0.1:{port}/0"
-    stop(process)
+    stop_process(process)
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +132,7 @@ def gateway(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
 
     wait_until(healthy, STARTUP_SECONDS, "the gateway")
     yield url
-    stop(process)
+    stop_process(process)
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +150,7 @@ def worker(service_env: dict[str, str], settings: Settings, tmp_path_factory: py
 
     wait_until(alive, STARTUP_SECONDS, "the worker's heartbeat")
     yield log_path
-    stop(process, signal.SIGQUIT)
+    stop_process(process, signal.SIGQUIT)
 
 
 class Api(httpx.Client):
