@@ -2,11 +2,12 @@
 
     python -m benchmarks.train_demo_model --output models/demo
 
-Everything is rebuilt from seeds: the tokenizer and the frozen, randomly initialised T5 encoder
-come from `adapters.tiny`; the VAE (same architecture as `adapters.tiny`'s) is trained first as a
-plain autoencoder on rendered images; then the transformer learns to denoise their latents with
-the PixArt-Σ recipe (DDPM noise, epsilon target, MSE, learned-sigma half of the output ignored),
-conditioned on cached caption embeddings, with 10% empty captions for classifier-free guidance.
+Everything is rebuilt from seeds: the tokenizer, the frozen, randomly initialised T5 encoder and
+the transformer's architecture come from `adapters.tiny`; the VAE (`adapters.tiny`'s geometry,
+wider channels) is trained first as a plain autoencoder on rendered images; then the transformer
+learns to denoise their latents with the PixArt-Σ recipe (DDPM noise, epsilon target, MSE,
+learned-sigma half of the output ignored), conditioned on cached caption embeddings, with 10%
+empty captions for classifier-free guidance.
 The caption combinations `world.held_out_combinations()` are never shown, so the evaluation below
 measures composition, not recall.
 
@@ -34,7 +35,7 @@ from PIL import Image
 from torch.nn import functional as F
 from transformers.utils import logging as transformers_logging
 
-from adapters.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
+from adapters.tiny import TINY_LATENT_CHANNELS, TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline
 from benchmarks import judge as judge_module
 from benchmarks import world
 
@@ -44,27 +45,36 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RESOLUTION = 64
 # Transformer shape: 4 heads (the adapters' 256 atoms split evenly across them) of width 32; wider
 # or deeper models train too slowly on two shared cores to reach the quality bar in under an hour.
-NUM_LAYERS = 6
+NUM_LAYERS = 8
 NUM_HEADS = 4
 HEAD_DIM = 32
 GUIDANCE_SCALE = 4.5
 INFERENCE_STEPS = 20
 CAPTION_DROPOUT = 0.1
+# The shape covers a fifth of the image or less; unweighted, the VAE's loss is mostly background
+# and it learns to blur shapes and drift their colours (red drawn orange, green drawn grey).
+FOREGROUND_WEIGHT = 4.0
+# The VAE is an image codec shared by every concept, like PixArt-Σ's SDXL VAE that has seen hearts
+# and stripes among billions of images. Ours has seen only this world, so it learns every image the
+# world can draw, the benchmark's concept included; without it the concept's reconstructions lose
+# heart and stripes and no adapter could score any fidelity. Only pixels: the text encoder and the
+# transformer never see the concept, nor the held-out captions.
+VAE_COMBINATIONS = world.all_combinations() + world.concept_combinations()
 
 
 @dataclass
 class TrainingSettings:
     seed: int = 0
-    vae_steps: int = 800
+    vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_learning_rate: float = 2e-3
     images: int = 16384
-    steps: int = 3000
+    steps: int = 14000
     batch_size: int = 32
-    learning_rate: float = 5e-4
+    learning_rate: float = 8e-4
     warmup_steps: int = 200
     ema_decay: float = 0.999
-    checkpoint_every: int = 500
+    checkpoint_every: int = 2000
 
 
 def generation_kwargs(steps: int = INFERENCE_STEPS) -> dict[str, object]:
@@ -84,11 +94,43 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _render_batch(rng: np.random.Generator, count: int) -> tuple[torch.Tensor, list[str]]:
-    combos = world.training_combinations()
+def _render_batch(
+    rng: np.random.Generator, count: int, combos: list[tuple[str, str, str]]
+) -> tuple[torch.Tensor, list[world.Scene]]:
     scene_list = [world.sample_scene(rng, *combos[i]) for i in rng.integers(0, len(combos), count)]
     pixels = world.to_array([world.render(scene, RESOLUTION) for scene in scene_list])
-    return torch.from_numpy(pixels), [scene.caption for scene in scene_list]
+    return torch.from_numpy(pixels), scene_list
+
+
+def _foreground(pixels: torch.Tensor, scenes: list[world.Scene]) -> torch.Tensor:
+    """[N, 1, H, W] mask of the pixels that differ from the scene's (exact, unjittered) background."""
+    background = torch.tensor([world.BACKGROUNDS[scene.background] for scene in scenes]) / 127.5 - 1.0
+    return ((pixels - background[:, :, None, None]).abs().amax(1, keepdim=True) > 0.02).float()
+
+
+def build_demo_vae(seed: int) -> AutoencoderKL:
+    """`adapters.tiny`'s VAE geometry (4 blocks, 8x downsampling, 4 latent channels) with wider
+    inner blocks: the 8-8-16-16 channels of the tiny one, trained, turn red into orange and blur
+    stars into blobs (the judge read back 61% of shapes and 80% of colours from its reconstructions).
+
+    The log-variance half of `quant_conv` starts near exp(-5) standard deviation: with the tiny KL
+    weight below nothing else would shrink the posterior noise, which then blurs every latent.
+    """
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 64),
+        layers_per_block=1,
+        latent_channels=TINY_LATENT_CHANNELS,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+    )
+    with torch.no_grad():
+        vae.quant_conv.bias[TINY_LATENT_CHANNELS:] = -10.0
+    return vae
 
 
 def train_vae(vae: AutoencoderKL, settings: TrainingSettings) -> None:
@@ -101,11 +143,13 @@ def train_vae(vae: AutoencoderKL, settings: TrainingSettings) -> None:
     )
     vae.train()
     for step in range(settings.vae_steps):
-        pixels, _ = _render_batch(rng, settings.vae_batch_size)
+        pixels, scenes = _render_batch(rng, settings.vae_batch_size, VAE_COMBINATIONS)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
-        mse = F.mse_loss(reconstruction, pixels)
-        loss = mse + 1e-6 * posterior.kl().mean()
+        squared = (reconstruction - pixels).square()
+        mse = squared.mean()
+        weight = 1.0 + FOREGROUND_WEIGHT * _foreground(pixels, scenes)
+        loss = (weight * squared).mean() + 1e-6 * posterior.kl().mean()
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -122,9 +166,9 @@ def encode_dataset(vae: AutoencoderKL, settings: TrainingSettings) -> tuple[torc
     rng = np.random.default_rng(settings.seed + 1)
     means, captions = [], []
     for start in range(0, settings.images, 256):
-        pixels, batch_captions = _render_batch(rng, min(256, settings.images - start))
+        pixels, scenes = _render_batch(rng, min(256, settings.images - start), world.training_combinations())
         means.append(vae.encode(pixels).latent_dist.mean)
-        captions += batch_captions
+        captions += [scene.caption for scene in scenes]
     return torch.cat(means), captions
 
 
@@ -201,6 +245,7 @@ def train(settings: TrainingSettings, output: Path, reuse_vae: bool = False) -> 
     if reuse_vae:
         pipe.vae = AutoencoderKL.from_pretrained(output / "vae").eval()
     else:
+        pipe.vae = build_demo_vae(settings.seed)
         train_vae(pipe.vae, settings)
     means, captions = encode_dataset(pipe.vae, settings)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
