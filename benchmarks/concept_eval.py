@@ -255,6 +255,10 @@ def _is_peft(name: str) -> bool:
     return any(tag in name for tag in ("lora_", "oft_"))
 
 
+def _setting(method: Method) -> tuple[str, float, int]:
+    return method.kind, method.density, method.num_atoms
+
+
 def _summarise(runs: list[Run]) -> dict[str, tuple[Scores, Scores, int, float]]:
     """Per method label: mean scores, their std over seeds, parameters, mean training seconds."""
     summary: dict[str, tuple[Scores, Scores, int, float]] = {}
@@ -354,21 +358,21 @@ def run_benchmark(budget: Budget, model: Path, output: Path) -> dict[str, object
             if wants_top:
                 top_run, top_images = run, by_k
     sweep_seed = budget.seeds[0]
-    known = {run.method: run for run in runs if run.seed == sweep_seed}
+    # Sweep points that a table row already trained (same method, density and M) are reused.
+    known = {_setting(run.method): run for run in runs if run.seed == sweep_seed}
 
     def sweep(methods: list[Method]) -> list[Run]:
         results = []
         for method in methods:
-            if method not in known:
-                known[method] = run_method(method, sweep_seed, budget, model, judge)[0]
-                print(f"{method.label}: {known[method].scores}", flush=True)
-            results.append(known[method])
+            if _setting(method) not in known:
+                known[_setting(method)] = run_method(method, sweep_seed, budget, model, judge)[0]
+                print(f"{method.label}: {known[_setting(method)].scores}", flush=True)
+            results.append(replace(known[_setting(method)], method=method))
         return results
 
     density_runs = sweep([Method(f"ours p={p}", "ours", density=p) for p in budget.densities])
-    atom_runs = sweep([Method(f"ours M={m}", "ours", density=0.02, num_atoms=m) for m in budget.atom_counts])
     # The paper's Table 2 holds density fixed; below M=50 a density of 0.02 rounds up to one atom.
-    atom_runs = [replace(run, method=replace(run.method, label=f"M={run.method.num_atoms}")) for run in atom_runs]
+    atom_runs = sweep([Method(f"M={m}", "ours", density=0.02, num_atoms=m) for m in budget.atom_counts])
     seconds = time.perf_counter() - started
 
     baselines = [run for run in runs if run.method.kind in ("lora", "dora", "oft")]
