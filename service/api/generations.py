@@ -1,4 +1,5 @@
 import secrets
+from collections import Counter
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -40,6 +41,10 @@ def _check_adapter_options(request: GenerationRequest, record: AdapterRecord | N
                 raise invalid(f"atom_mask names layer {layer}; the adapter's layers are {sorted(layers)}")
             if bad := [a for a in atoms if not 0 <= a < num_atoms]:
                 raise invalid(f"atom_mask layer {layer}: atoms {bad} are outside 0-{num_atoms - 1}")
+            if repeated := sorted(a for a, n in Counter(atoms).items() if n > 1):
+                raise invalid(f"atom_mask layer {layer}: atoms {repeated} are listed more than once; list each once")
+        # Sorted, so equal masks are stored (and logged) the same way whatever order they came in.
+        request.atom_mask.layers = {layer: sorted(atoms) for layer, atoms in request.atom_mask.layers.items()}
 
 
 def _submit(request: GenerationRequest, tenant: Tenant, services: Services) -> str:

@@ -1,7 +1,7 @@
 """Request and response bodies. Bounds here are the documented limits of the API."""
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -9,6 +9,10 @@ from service.catalog import AdapterRecord, AdapterSource, AdapterStatus
 from service.jobs import Job, JobKind, JobStatus
 
 MAX_SEED = 2**32 - 1
+# The engine's own bounds (adapters' MAX_BLOCKS and MAX_ATOMS; a test keeps them equal). Importing
+# them would load torch into every gateway process, so they are repeated here.
+MAX_BLOCKS = 1024
+MAX_ATOMS = 4096
 Activation = Literal["topk", "relu", "soft_threshold"]
 
 
@@ -99,8 +103,11 @@ class AtomMask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["keep", "drop"] = Field(description="Keep only the listed atoms, or drop them")
-    layers: dict[int, list[int]] = Field(
-        min_length=1, description="Layer (block index) -> atom indices; layers not named stay whole"
+    # Bounded so that one request cannot store megabytes of job parameters in Redis.
+    layers: dict[int, Annotated[list[int], Field(max_length=MAX_ATOMS)]] = Field(
+        min_length=1,
+        max_length=MAX_BLOCKS,
+        description="Layer (block index) -> distinct atom indices; layers not named stay whole",
     )
 
 

@@ -10,7 +10,12 @@ from fastapi.testclient import TestClient
 from httpx import Client as Api
 from PIL import Image
 
+from service.api.schemas import MAX_ATOMS, MAX_BLOCKS
 from service.app import create_app
+from service.catalog import AdapterCatalog
+from service.ids import new_id
+from service.jobs import JobStore
+from service.redis_db import connect
 from service.settings import Settings
 from service.tenants import TenantStore
 
@@ -134,6 +139,18 @@ def _encode(content: object) -> bytes:
         ({"prompt": ""}, {}, 422, "prompt: String should have at least 1 character"),
         ({"prompt": "p"}, {"wait": 600}, 422, "wait must be at most 60 seconds"),
         ({"prompt": "p", "atom_mask": {"mode": "keep", "layers": {}}}, {}, 422, "atom_mask.layers"),
+        (
+            {"prompt": "p", "atom_mask": {"mode": "keep", "layers": {str(n): [0] for n in range(MAX_BLOCKS + 1)}}},
+            {},
+            422,
+            f"atom_mask.layers: Dictionary should have at most {MAX_BLOCKS} items",
+        ),
+        (
+            {"prompt": "p", "atom_mask": {"mode": "keep", "layers": {"0": [0] * (MAX_ATOMS + 1)}}},
+            {},
+            422,
+            f"atom_mask.layers.0: List should have at most {MAX_ATOMS} items",
+        ),
     ],
 )
 def test_generation_requests_are_validated(
@@ -142,6 +159,47 @@ def test_generation_requests_are_validated(
     response = new_tenant("generations").post("/v1/generations", json=body, params=params)
     assert response.status_code == status, response.text
     assert says in error_of(response)["message"]
+
+
+def test_atom_mask_bounds_are_the_engines() -> None:
+    from adapters.persistence import MAX_BLOCKS as ENGINE_MAX_BLOCKS
+    from adapters.sparse_dictionary.config import MAX_ATOMS as ENGINE_MAX_ATOMS
+
+    assert (MAX_BLOCKS, MAX_ATOMS) == (ENGINE_MAX_BLOCKS, ENGINE_MAX_ATOMS)
+
+
+@pytest.fixture
+def ready_adapter(settings: Settings) -> Callable[[str], str]:
+    """A ready adapter record (16 atoms, layers 0 and 1) owned by the tenant, without training one."""
+    catalog = AdapterCatalog(connect(settings.redis_url))
+
+    def make(tenant_id: str) -> str:
+        adapter_id = new_id()
+        config = {"num_atoms": 16, "density": 0.25, "activation": "topk"}
+        catalog.create(adapter_id, tenant_id, "p", "imported", config)
+        assert catalog.mark_ready(adapter_id, config, [0, 1], metrics={})
+        return adapter_id
+
+    return make
+
+
+def test_atom_masks_refuse_repeated_atoms_and_are_stored_sorted(
+    new_tenant: Callable[[str], Api], ready_adapter: Callable[[str], str], settings: Settings
+) -> None:
+    api = new_tenant("masks")
+    adapter_id = ready_adapter(api.tenant_id)  # type: ignore[attr-defined]
+    body = {"prompt": "p", "adapter_id": adapter_id, "atom_mask": {"mode": "drop", "layers": {"1": [5, 3, 5]}}}
+    repeated = api.post("/v1/generations", json=body)
+    assert repeated.status_code == 422 and "atoms [5] are listed more than once" in error_of(repeated)["message"]
+
+    body["atom_mask"]["layers"] = {"1": [9, 2, 7]}  # type: ignore[index]
+    accepted = api.post("/v1/generations", json=body)
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["job_id"]
+    jobs = JobStore(connect(settings.redis_url))
+    job = jobs.get(job_id)
+    assert job is not None and job.params["atom_mask"]["layers"] == {"1": [2, 7, 9]}
+    jobs.cancel(job_id)
 
 
 def test_unknown_and_malformed_ids_answer_404(new_tenant: Callable[[str], Api]) -> None:
