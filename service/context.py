@@ -9,9 +9,10 @@ from celery import Celery
 from service.catalog import AdapterCatalog
 from service.jobs import JobStore, JobWatcher
 from service.queue import make_celery
-from service.redis_db import connect, connect_async
+from service.redis_db import connect, connect_async, connect_streams
 from service.settings import Settings
 from service.storage import Storage
+from service.stream_slots import StreamSlots
 from service.tenants import TenantStore
 
 
@@ -20,9 +21,11 @@ class Services:
     settings: Settings
     db: redis.Redis
     adb: aioredis.Redis
+    streams: aioredis.Redis
     tenants: TenantStore
     jobs: JobStore
     watcher: JobWatcher
+    stream_slots: StreamSlots
     catalog: AdapterCatalog
     storage: Storage
     celery: Celery
@@ -31,18 +34,22 @@ class Services:
     def build(cls, settings: Settings) -> "Services":
         db = connect(settings.redis_url)
         adb = connect_async(settings.redis_url)
+        streams = connect_streams(settings.redis_url)
         return cls(
             settings=settings,
             db=db,
             adb=adb,
+            streams=streams,
             tenants=TenantStore(db),
             jobs=JobStore(db),
-            watcher=JobWatcher(adb),
+            watcher=JobWatcher(adb, streams),
+            stream_slots=StreamSlots(adb, settings.max_streams_per_tenant),
             catalog=AdapterCatalog(db),
             storage=Storage(settings.data_dir),
             celery=make_celery(settings),
         )
 
     async def close(self) -> None:
+        await self.streams.aclose()
         await self.adb.aclose()
         self.db.close()

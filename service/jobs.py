@@ -274,10 +274,14 @@ class JobEvent:
 
 
 class JobWatcher:
-    """Asynchronous reads for the event stream and ``wait``: they block on Redis, not on a thread."""
+    """Asynchronous reads for the event stream and ``wait``: they block on Redis, not on a thread.
 
-    def __init__(self, db: aioredis.Redis) -> None:
+    ``streams`` serves only the blocking XREADs, from a pool of its own (``connect_streams``).
+    """
+
+    def __init__(self, db: aioredis.Redis, streams: aioredis.Redis) -> None:
         self.db = db
+        self.streams = streams
 
     async def get(self, job_id: str) -> Job | None:
         data = await self.db.hgetall(job_key(job_id))
@@ -294,7 +298,7 @@ class JobWatcher:
             return
         yield JobEvent("status", job=job)
         while not job.terminal:
-            reply = await self.db.xread({stream: cursor}, block=int(ping_seconds * 1000), count=100)
+            reply = await self.streams.xread({stream: cursor}, block=int(ping_seconds * 1000), count=100)
             if not reply:
                 yield JobEvent("ping")
                 continue

@@ -14,6 +14,25 @@ def connect_async(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
+# Event streams and waits each hold a connection in XREAD for seconds at a time, so they draw from
+# a pool of their own: however many are open, short commands still find a connection. When this
+# pool is exhausted a new stream waits this long for a connection, then fails (503), rather than
+# opening connections without bound.
+STREAM_CONNECTIONS = 200
+STREAM_POOL_TIMEOUT_SECONDS = 5.0
+
+
+def connect_streams(url: str) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=STREAM_CONNECTIONS,
+        timeout=STREAM_POOL_TIMEOUT_SECONDS,
+        decode_responses=True,
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
@@ -28,6 +47,10 @@ def tenant_key(tenant_id: str) -> str:
 
 def tenant_active_jobs_key(tenant_id: str) -> str:
     return f"{PREFIX}:tenant:{tenant_id}:active_jobs"
+
+
+def tenant_streams_key(tenant_id: str) -> str:
+    return f"{PREFIX}:tenant:{tenant_id}:open_streams"
 
 
 def tenant_adapters_key(tenant_id: str) -> str:

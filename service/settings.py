@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_resolution: int = Field(default=1024, ge=16)
     max_active_jobs_per_tenant: int = Field(default=16, ge=1)
     max_wait_seconds: float = Field(default=60.0, ge=0)
+    max_streams_per_tenant: int = Field(default=8, ge=1)
 
     job_time_limit_seconds: int = Field(default=3600, ge=10)
     max_job_attempts: int = Field(default=3, ge=1)

@@ -1,5 +1,6 @@
 """Dependencies of the routes: the process's services, the calling tenant, and owned objects."""
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -53,6 +54,15 @@ def owned_adapter(adapter_id: str, tenant: TenantDep, services: ServicesDep) -> 
 
 JobDep = Annotated[Job, Depends(owned_job)]
 AdapterDep = Annotated[AdapterRecord, Depends(owned_adapter)]
+
+
+async def stream_slot(tenant: TenantDep, services: ServicesDep) -> AsyncIterator[None]:
+    """Holds one of the tenant's stream slots until the response (the whole stream) is sent."""
+    async with services.stream_slots.hold(tenant.id):
+        yield
+
+
+StreamSlotDep = Annotated[None, Depends(stream_slot)]
 
 
 def check_job_quota(services: Services, tenant: Tenant) -> None:

@@ -1,5 +1,6 @@
 import secrets
 from collections import Counter
+from contextlib import nullcontext
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -80,8 +81,11 @@ async def create_generation(
     """Generate images, optionally through an adapter with a density, an atom mask or its top atoms."""
     if wait > services.settings.max_wait_seconds:
         raise invalid(f"wait must be at most {services.settings.max_wait_seconds:g} seconds")
-    job_id = await run_in_threadpool(_submit, request, tenant, services)
-    job = await services.watcher.wait(job_id, wait) if wait > 0 else None
+    # The slot is taken before the job is submitted, so a refusal leaves no job behind.
+    slot = services.stream_slots.hold(tenant.id) if wait > 0 else nullcontext()
+    async with slot:
+        job_id = await run_in_threadpool(_submit, request, tenant, services)
+        job = await services.watcher.wait(job_id, wait) if wait > 0 else None
     if job is not None:
         response.status_code = 200
     return GenerationAccepted(job_id=job_id, job=JobOut.of(job) if job is not None else None)

@@ -5,12 +5,12 @@ from fastapi import APIRouter, Path
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from service.api.deps import JobDep, ServicesDep
+from service.api.deps import JobDep, ServicesDep, StreamSlotDep
 from service.api.schemas import ErrorResponse, JobOut, Progress
 from service.errors import ApiError, not_found
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 429)}
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
@@ -32,7 +32,7 @@ def cancel_job(job: JobDep, services: ServicesDep) -> JobOut:
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses=ERRORS)
-async def job_events(job: JobDep, services: ServicesDep) -> AsyncIterator[ServerSentEvent]:
+async def job_events(job: JobDep, services: ServicesDep, _slot: StreamSlotDep) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events: `status` (the whole job) on every change, `progress` on every step; ends with the job."""
     async for event in services.watcher.events(job.id):
         if event.kind == "status" and event.job is not None:

@@ -195,5 +195,10 @@ def wait_job() -> Callable[..., dict]:
 
 
 @pytest.fixture(scope="session")
+def wait_for() -> Callable[..., None]:
+    return wait_until
+
+
+@pytest.fixture(scope="session")
 def image_bytes() -> Callable[..., bytes]:
     return _image_bytes

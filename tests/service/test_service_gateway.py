@@ -3,6 +3,7 @@
 import io
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from service.app import create_app
 from service.catalog import AdapterCatalog
 from service.ids import new_id
 from service.jobs import JobStore
-from service.redis_db import connect
+from service.redis_db import connect, tenant_streams_key
 from service.settings import Settings
 from service.tenants import TenantStore
 
@@ -268,3 +269,41 @@ def test_request_bodies_are_bounded(new_tenant: Callable[[str], Api], settings: 
 
     streamed = api.post("/v1/generations", content=chunks(), headers={"content-type": "application/json"})
     assert streamed.status_code == 413 and error_of(streamed)["code"] == "content_too_large"
+
+
+def test_event_streams_and_waits_are_bounded_per_tenant(
+    new_tenant: Callable[[str], Api], settings: Settings, wait_for: Callable[..., None]
+) -> None:
+    api, other = new_tenant("streams"), new_tenant("streams-other")
+    jobs = JobStore(connect(settings.redis_url))
+    # Never enqueued, so it stays queued and its streams stay open until it is cancelled.
+    job_id, other_job = new_id(), new_id()
+    jobs.create(job_id, api.tenant_id, "generate", {"prompt": "p"}, total=1)  # type: ignore[attr-defined]
+    jobs.create(other_job, other.tenant_id, "generate", {"prompt": "p"}, total=1)  # type: ignore[attr-defined]
+    limit = Settings().max_streams_per_tenant
+    with ExitStack() as streams:
+        opened = [streams.enter_context(api.stream("GET", f"/v1/jobs/{job_id}/events")) for _ in range(limit)]
+        assert all(response.status_code == 200 for response in opened)
+        refused = api.get(f"/v1/jobs/{job_id}/events")
+        assert refused.status_code == 429 and error_of(refused)["code"] == "too_many_streams"
+        assert f"you have {limit} event streams or waits open" in error_of(refused)["message"]
+        waiting = api.post("/v1/generations", json={"prompt": "p"}, params={"wait": 1})
+        assert waiting.status_code == 429 and "close one" in error_of(waiting)["message"]
+        assert jobs.active_count(api.tenant_id) == 1  # type: ignore[attr-defined]  # the refused wait queued nothing
+        # A client that goes away gives its slot back.
+        opened.pop().close()
+        key = tenant_streams_key(api.tenant_id)  # type: ignore[attr-defined]
+        db = connect(settings.redis_url)
+        wait_for(lambda: db.get(key) == str(limit - 1), 20, "the closed stream's slot to be given back")
+        # Another tenant is not affected.
+        with other.stream("GET", f"/v1/jobs/{other_job}/events") as response:
+            assert response.status_code == 200
+        assert api.delete(f"/v1/jobs/{job_id}").status_code == 202
+        for response in opened:
+            for _ in response.iter_lines():  # each stream ends with the job
+                pass
+    jobs.cancel(other_job)
+    # Every slot is given back once its stream ended.
+    wait_for(lambda: db.get(key) == "0", 10, "the stream slots to be given back")
+    with api.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
