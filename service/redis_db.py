@@ -70,4 +70,4 @@ def adapter_key(adapter_id: str) -> str:
 
 
 WORKERS_KEY = f"{PREFIX}:workers"
-BASE_FINGERPRINT_KEY = f"{PREFIX}:base_fingerprint"
+BASE_MODEL_KEY = f"{PREFIX}:base_model"

@@ -1,10 +1,12 @@
-"""Which workers are alive: each worker refreshes its score (a timestamp) in one sorted set."""
+"""What the workers publish: which are alive (each refreshes its score, a timestamp, in one sorted
+set) and the shape of the base model they serve, which the gateway checks requests against."""
 
 import time
+from dataclasses import asdict, dataclass
 
 import redis
 
-from service.redis_db import WORKERS_KEY
+from service.redis_db import BASE_MODEL_KEY, WORKERS_KEY
 
 # A worker is alive while its last heartbeat is younger than this many heartbeat periods.
 _MISSED_BEATS = 3
@@ -22,3 +24,32 @@ def alive(db: redis.Redis, heartbeat_seconds: float) -> list[str]:
     cutoff = time.time() - _MISSED_BEATS * heartbeat_seconds
     db.zremrangebyscore(WORKERS_KEY, "-inf", f"({cutoff}")
     return list(db.zrangebyscore(WORKERS_KEY, cutoff, "+inf"))
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """The base model's identity and the dimensions an adapter must match."""
+
+    fingerprint: str
+    num_blocks: int
+    num_heads: int
+    in_features: int
+    out_features: int
+
+
+def publish_base(db: redis.Redis, shape: BaseShape) -> None:
+    db.hset(BASE_MODEL_KEY, mapping=asdict(shape))
+
+
+def base_shape(db: redis.Redis) -> BaseShape | None:
+    """The served base, or None until a worker has loaded it."""
+    data = db.hgetall(BASE_MODEL_KEY)
+    if not data:
+        return None
+    return BaseShape(
+        fingerprint=data["fingerprint"],
+        num_blocks=int(data["num_blocks"]),
+        num_heads=int(data["num_heads"]),
+        in_features=int(data["in_features"]),
+        out_features=int(data["out_features"]),
+    )

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters import SparseDictionaryAdapter, load_adapter, save_adapter
+from adapters import AdapterFormatError, SparseDictionaryAdapter, load_adapter, save_adapter
 from service.storage import ADAPTER_SUBDIR, write_atoms
+from service.workers_registry import BaseShape
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,16 @@ def save_adapter_dir(adapter_dir: Path, adapter: SparseDictionaryAdapter) -> Ada
     return summary
 
 
-def inspect_adapter_folder(folder: Path, fingerprint: str | None, max_bytes: int) -> AdapterSummary:
-    """Loads the folder with the engine's checks (``AdapterFormatError`` says what is wrong)."""
-    return summarize(load_adapter(folder, expected_fingerprint=fingerprint, max_bytes=max_bytes))
+def inspect_adapter_folder(folder: Path, base: BaseShape, max_bytes: int) -> AdapterSummary:
+    """Loads the folder with the engine's checks and checks it fits ``base``.
+
+    Raises ``AdapterFormatError`` or ``AdapterConfigError``, whose message says what is wrong.
+    """
+    adapter = load_adapter(folder, expected_fingerprint=base.fingerprint, max_bytes=max_bytes)
+    # The fingerprint is only what the file claims; the tensors must fit the base all the same.
+    for field in ("num_blocks", "in_features", "out_features"):
+        ours, theirs = getattr(adapter, field), getattr(base, field)
+        if ours != theirs:
+            raise AdapterFormatError(f"the adapter has {field}={ours}, but the served base model has {theirs}")
+    adapter.config.validate(num_blocks=base.num_blocks, num_heads=base.num_heads)
+    return summarize(adapter)

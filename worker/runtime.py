@@ -12,8 +12,9 @@ import torch
 from diffusers import PixArtSigmaPipeline
 
 from adapters import AdapterHost
-from service.redis_db import BASE_FINGERPRINT_KEY, connect
+from service.redis_db import connect
 from service.settings import Settings
+from service.workers_registry import BaseShape, publish_base
 from worker import metrics
 from worker.cache import AdapterCache
 
@@ -48,8 +49,16 @@ class Runtime:
         self.max_sequence_length = min(settings.max_sequence_length, pipeline.tokenizer.model_max_length)
         # One pipeline, one job at a time, even if a thread pool were configured.
         self.lock = threading.Lock()
-        # The gateway checks imported adapters against the base the workers serve.
-        connect(settings.redis_url).set(BASE_FINGERPRINT_KEY, self.fingerprint)
+        # The gateway checks imports and training requests against the base the workers serve.
+        attention = pipeline.transformer.transformer_blocks[0].attn1
+        self.shape = BaseShape(
+            fingerprint=self.fingerprint,
+            num_blocks=self.host.num_blocks,
+            num_heads=self.host.num_heads,
+            in_features=attention.to_q.in_features,
+            out_features=attention.to_out[0].out_features,
+        )
+        publish_base(connect(settings.redis_url), self.shape)
         metrics.instrument(self, settings)
         log.info(
             "loaded base model %s on %s/%s in %.1f s (fingerprint %s)",

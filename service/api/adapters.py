@@ -22,12 +22,12 @@ from service.errors import ApiError, invalid
 from service.ids import is_valid_id, new_id
 from service.images import MAX_IMAGES, CheckedImage, check_image
 from service.queue import enqueue
-from service.redis_db import BASE_FINGERPRINT_KEY
 from service.storage import ADAPTER_SUBDIR, read_atoms
 from service.tenants import Tenant
+from service.workers_registry import BaseShape, base_shape
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 429)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 429, 503)}
 
 
 def _read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -46,6 +46,12 @@ def _render(record: AdapterRecord, services: Services) -> AdapterOut:
     return AdapterOut.of(record, services.jobs.get(record.job_id) if record.job_id else None)
 
 
+def _check_atoms(atoms: int, base: BaseShape | None) -> None:
+    # Until a worker has published the base, the worker's own check fails the job instead.
+    if base is not None and atoms % base.num_heads:
+        raise invalid(f"atoms ({atoms}) must be a multiple of the base model's {base.num_heads} attention heads")
+
+
 @router.post("", status_code=202, response_model=AdapterCreated, responses=ERRORS)
 def create_adapter(
     tenant: TenantDep,
@@ -58,6 +64,7 @@ def create_adapter(
     if not 1 <= len(images) <= MAX_IMAGES:
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")
     check_side("resolution", form.resolution, settings.max_resolution)
+    _check_atoms(form.atoms, base_shape(services.db))
     check_job_quota(services, tenant)
     checked: list[CheckedImage] = [
         check_image(
@@ -164,19 +171,26 @@ def download_adapter(record: AdapterDep, services: ServicesDep) -> FileResponse:
 
 def _import(tenant: Tenant, services: Services, data: bytes, prompt: str) -> AdapterRecord:
     # The engine (and torch) load only here, so a gateway that never imports stays light.
-    from adapters import AdapterFormatError
+    from adapters import AdapterConfigError, AdapterFormatError
     from worker.adapter_files import inspect_adapter_folder, write_extras
 
     adapter_id = new_id()
-    fingerprint = services.db.get(BASE_FINGERPRINT_KEY)
     limit = services.settings.max_adapter_bytes
     with services.storage.replacing(services.storage.adapter_dir(tenant.id, adapter_id)) as tmp:
         folder = tmp / ADAPTER_SUBDIR
         folder.mkdir()
         unpack_adapter_zip(data, folder, limit)
+        base = base_shape(services.db)
+        if base is None:
+            raise ApiError(
+                503,
+                "no_base_model",
+                "no worker has loaded the base model yet, so the adapter cannot be checked against it; "
+                "start a worker (atomtune worker) or wait for it to load, and retry",
+            )
         try:
-            summary = inspect_adapter_folder(folder, fingerprint, limit)
-        except AdapterFormatError as exc:
+            summary = inspect_adapter_folder(folder, base, limit)
+        except (AdapterFormatError, AdapterConfigError) as exc:
             raise ApiError(422, "invalid_adapter", str(exc)) from None
         write_extras(tmp, summary)
     services.catalog.create(adapter_id, tenant.id, prompt, "imported", summary.config)

@@ -4,6 +4,7 @@ import io
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +17,10 @@ from service.app import create_app
 from service.catalog import AdapterCatalog
 from service.ids import new_id
 from service.jobs import JobStore
-from service.redis_db import connect, tenant_streams_key
+from service.redis_db import BASE_MODEL_KEY, connect, tenant_streams_key
 from service.settings import Settings
 from service.tenants import TenantStore
+from service.workers_registry import BaseShape, publish_base
 
 UNKNOWN_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
@@ -248,10 +250,9 @@ def _zip(entries: dict[str, bytes]) -> bytes:
         (b"not a zip", "not a zip file"),
         (_zip({"adapter_config.json": b"{}"}), "must hold exactly"),
         (_zip({"../adapter_config.json": b"{}", "adapter_model.safetensors": b""}), "must hold exactly"),
-        (_zip({"adapter_config.json": b"{nope", "adapter_model.safetensors": b"x"}), "adapter_config.json"),
     ],
 )
-def test_imports_are_validated_by_the_engine(new_tenant: Callable[[str], Api], content: bytes, says: str) -> None:
+def test_import_zips_are_checked_before_unpacking(new_tenant: Callable[[str], Api], content: bytes, says: str) -> None:
     response = new_tenant("imports").post("/v1/adapters/import", files={"file": ("a.zip", content)})
     assert response.status_code == 422, response.text
     assert says in error_of(response)["message"]
@@ -307,3 +308,52 @@ def test_event_streams_and_waits_are_bounded_per_tenant(
     wait_for(lambda: db.get(key) == "0", 10, "the stream slots to be given back")
     with api.stream("GET", f"/v1/jobs/{job_id}/events") as response:
         assert response.status_code == 200
+
+
+def _adapter_zip(tmp_path: Path, fingerprint: str, num_atoms: int, features: int, num_blocks: int) -> bytes:
+    import torch
+
+    from adapters import SparseDictionaryAdapter, SparseDictionaryConfig, save_adapter
+
+    config = SparseDictionaryConfig(num_atoms=num_atoms, density=0.25, base_fingerprint=fingerprint)
+    adapter = SparseDictionaryAdapter(config, features, features, num_blocks)
+    for layer in adapter.layers.values():
+        layer.reset_parameters(torch.Generator().manual_seed(0))
+    folder = tmp_path / f"adapter-{new_id()}"
+    save_adapter(adapter, folder)
+    return _zip({path.name: path.read_bytes() for path in folder.iterdir()})
+
+
+def test_imports_and_training_requests_are_checked_against_the_served_base(settings: Settings, tmp_path: Path) -> None:
+    # A Redis database of its own, so that what the test's worker publishes does not interfere.
+    isolated = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/4"})
+    db = connect(isolated.redis_url)
+    db.delete(BASE_MODEL_KEY)
+    _, key = TenantStore(db).create(f"base-{new_id()}")
+    base = BaseShape(fingerprint="pixart-test", num_blocks=2, num_heads=4, in_features=32, out_features=32)
+    good = _adapter_zip(tmp_path, base.fingerprint, 8, 32, 2)
+    with TestClient(create_app(isolated), headers={"Authorization": f"Bearer {key}"}) as client:
+
+        def upload(content: bytes) -> object:
+            return client.post("/v1/adapters/import", files={"file": ("a.zip", content)})
+
+        unknown = upload(good)  # an import of a well-formed zip before any worker has loaded the base
+        assert unknown.status_code == 503 and "no worker has loaded the base model" in error_of(unknown)["message"]
+
+        publish_base(db, base)
+        for content, says in [
+            (_zip({"adapter_config.json": b"{nope", "adapter_model.safetensors": b"x"}), "adapter_config.json"),
+            (_adapter_zip(tmp_path, "pixart-other", 8, 32, 2), "made for base 'pixart-other'"),
+            (_adapter_zip(tmp_path, base.fingerprint, 8, 16, 2), "in_features=16, but the served base model has 32"),
+            (_adapter_zip(tmp_path, base.fingerprint, 8, 32, 3), "num_blocks=3, but the served base model has 2"),
+            (_adapter_zip(tmp_path, base.fingerprint, 6, 32, 2), "multiple of the base model's 4 attention heads"),
+        ]:
+            response = upload(content)
+            assert response.status_code == 422 and says in error_of(response)["message"], response.text
+        assert upload(good).status_code == 201
+
+        image = [("images", ("a.png", noise_png(16), "image/png"))]
+        refused = client.post("/v1/adapters", data={"prompt": "p", "atoms": 18}, files=image)
+        assert refused.status_code == 422
+        assert "atoms (18) must be a multiple of the base model's 4 attention heads" in error_of(refused)["message"]
+        assert len(client.get("/v1/adapters").json()["items"]) == 1  # only the good import
