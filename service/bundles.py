@@ -7,11 +7,16 @@ other entries, sizes within the limit, so no path or size comes from the upload 
 import io
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from service.errors import ApiError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What /download writes (stored) and what common zip tools write (deflated); nothing else is read.
+COMPRESSIONS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
+# What reading a damaged entry raises: a bad header or CRC, a bad deflate stream, a truncated one.
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 def zip_folder(folder: Path) -> Path:
@@ -45,9 +50,19 @@ def unpack_adapter_zip(data: bytes, dest: Path, max_bytes: int) -> None:
         if total > max_bytes:
             raise bad(f"the adapter unpacks to {total} bytes; the limit is {max_bytes} bytes")
         for info in infos:
+            if info.flag_bits & 1:
+                raise bad(f"'{info.filename}' in the zip is encrypted; send the zip unencrypted")
+            if info.compress_type not in COMPRESSIONS:
+                raise bad(
+                    f"'{info.filename}' in the zip uses compression method {info.compress_type}; "
+                    f"store or deflate it (as /download does)"
+                )
             # file_size is the archive's claim; read at most that much, so a lying header cannot fill the disk.
-            with archive.open(info) as src:
-                content = src.read(info.file_size + 1)
-            if len(content) != info.file_size:
-                raise bad(f"'{info.filename}' in the zip is corrupt")
+            try:
+                with archive.open(info) as src:
+                    content = src.read(info.file_size + 1)
+            except _READ_ERRORS:
+                content = None
+            if content is None or len(content) != info.file_size:
+                raise bad(f"'{info.filename}' in the zip is corrupt; send the zip that /download returns")
             (dest / info.filename).write_bytes(content)

@@ -236,12 +236,34 @@ def test_adapters_page_newest_first_and_jobs_are_bounded_per_tenant(
     assert api.get("/v1/adapters", params={"limit": 101}).status_code == 422
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
+def _zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
         for name, content in entries.items():
             archive.writestr(name, content)
     return buffer.getvalue()
+
+
+ADAPTER_ENTRIES = {"adapter_config.json": b"{}" * 500, "adapter_model.safetensors": b"x" * 1000}
+
+
+def _encrypted_zip() -> bytes:
+    """A zip whose entries claim to be encrypted (general purpose flag bit 0)."""
+    data = bytearray(_zip(ADAPTER_ENTRIES))
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = 0
+        while (start := data.find(signature, start)) != -1:
+            data[start + offset] |= 1
+            start += 4
+    return bytes(data)
+
+
+def _corrupt_deflated_zip() -> bytes:
+    data = bytearray(_zip(ADAPTER_ENTRIES, zipfile.ZIP_DEFLATED))
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()[0]
+    payload = info.header_offset + 30 + len(info.filename.encode())
+    data[payload : payload + info.compress_size] = b"\xff" * info.compress_size
+    return bytes(data)
 
 
 @pytest.mark.parametrize(
@@ -250,6 +272,9 @@ def _zip(entries: dict[str, bytes]) -> bytes:
         (b"not a zip", "not a zip file"),
         (_zip({"adapter_config.json": b"{}"}), "must hold exactly"),
         (_zip({"../adapter_config.json": b"{}", "adapter_model.safetensors": b""}), "must hold exactly"),
+        (_encrypted_zip(), "is encrypted; send the zip unencrypted"),
+        (_zip(ADAPTER_ENTRIES, zipfile.ZIP_BZIP2), "uses compression method 12; store or deflate it"),
+        (_corrupt_deflated_zip(), "'adapter_config.json' in the zip is corrupt"),
     ],
 )
 def test_import_zips_are_checked_before_unpacking(new_tenant: Callable[[str], Api], content: bytes, says: str) -> None:
