@@ -141,6 +141,29 @@ return 'ok'
 """
 )
 
+# ARGV[1] = the tenant's most active jobs, ARGV[2] = job id, ARGV[3..] = the job's fields and values.
+# The quota check and the insert are one step, so concurrent submissions cannot overshoot it.
+_CREATE = f"""
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', 'queued')
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+# ARGV[3] = error code, ARGV[4] = message. Only a job nobody has started can be abandoned.
+_ABANDON = (
+    _TERMINATE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+  terminate('failed', ARGV[3], ARGV[4])
+  return 'failed'
+end
+return status or 'missing'
+"""
+)
+
 _CANCEL = (
     _TERMINATE
     + """
@@ -167,6 +190,8 @@ class JobStore:
         self._progress = db.register_script(_PROGRESS)
         self._finish = db.register_script(_FINISH)
         self._cancel = db.register_script(_CANCEL)
+        self._create = db.register_script(_CREATE)
+        self._abandon = db.register_script(_ABANDON)
 
     def _keys(self, job_id: str, tenant_id: str) -> list[str]:
         return [job_key(job_id), job_events_key(job_id), tenant_active_jobs_key(tenant_id)]
@@ -184,9 +209,10 @@ class JobStore:
         kind: JobKind,
         params: dict[str, Any],
         total: int,
+        max_active: int,
         adapter_id: str | None = None,
-    ) -> Job:
-        now = time.time()
+    ) -> Job | None:
+        """Records a queued job; None if the tenant already has ``max_active`` jobs queued or running."""
         fields = {
             "tenant_id": tenant_id,
             "kind": kind,
@@ -195,17 +221,13 @@ class JobStore:
             "adapter_id": adapter_id or "",
             "step": 0,
             "total": total,
-            "queued_at": now,
+            "queued_at": time.time(),
             "attempts": 0,
         }
-        with self.db.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key(job_id), mapping=fields)
-            pipe.xadd(job_events_key(job_id), {"type": "status", "status": "queued"}, maxlen=EVENTS_MAXLEN)
-            pipe.sadd(tenant_active_jobs_key(tenant_id), job_id)
-            pipe.execute()
-        job = self.get(job_id)
-        assert job is not None
-        return job
+        pairs = [item for field in fields.items() for item in field]
+        if not self._create(keys=self._keys(job_id, tenant_id), args=[max_active, job_id, *pairs]):
+            return None
+        return self.get(job_id)
 
     def get(self, job_id: str) -> Job | None:
         data = self.db.hgetall(job_key(job_id))
@@ -258,6 +280,13 @@ class JobStore:
                     error_message,
                 ],
             )
+        )
+
+    def abandon(self, job_id: str, error_code: str, error_message: str) -> str:
+        """Fails a job that is still queued (it could not be sent to the workers); else its status."""
+        tenant_id = self._tenant_of(job_id) or ""
+        return str(
+            self._abandon(keys=self._keys(job_id, tenant_id), args=[time.time(), job_id, error_code, error_message])
         )
 
     def cancel(self, job_id: str) -> str:

@@ -13,8 +13,9 @@ from functools import cache
 from typing import Any
 
 import torch
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from PIL import Image
+from redis.exceptions import RedisError
 
 from adapters import (
     AdapterConfigError,
@@ -100,14 +101,21 @@ class Reporter:
 Body = Callable[[WorkerContext, Job, Reporter], dict[str, Any]]
 
 
-def run_job(job_id: str, body: Body) -> None:
-    ctx = context()
-    outcome, attempt = ctx.jobs.claim(job_id, os.getpid(), ctx.settings.max_job_attempts)
-    if outcome != "claimed":
+def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
+    """Runs the job's body between its claim and its finish.
+
+    Celery acknowledges a task that raises, which would drop the job's only message. So if Redis
+    fails the claim or the finish, the message is put back instead: its redelivery claims the job
+    again (a further attempt, so the attempt cap also bounds this) or finds it already ended.
+    """
+    try:
+        outcome, attempt = ctx.jobs.claim(job_id, os.getpid(), ctx.settings.max_job_attempts)
+        job = ctx.jobs.get(job_id) if outcome == "claimed" else None
+    except RedisError as exc:
+        raise Reject(f"claiming job {job_id} failed: {exc}", requeue=True) from exc
+    if job is None:
         log.info("job %s not run: %s", job_id, outcome)
         return
-    job = ctx.jobs.get(job_id)
-    assert job is not None
     status, result, code, message = "failed", None, "", ""
     try:
         result = body(ctx, job, Reporter(ctx.jobs, job_id, attempt))
@@ -130,7 +138,10 @@ def run_job(job_id: str, body: Body) -> None:
     except Exception:
         log.exception("job %s failed", job_id)
         code, message = "internal", "the worker failed while running the job; its log has the details"
-    ctx.jobs.finish(job_id, attempt, status, result=result, error_code=code, error_message=message)  # type: ignore[arg-type]
+    try:
+        ctx.jobs.finish(job_id, attempt, status, result=result, error_code=code, error_message=message)  # type: ignore[arg-type]
+    except RedisError as exc:
+        raise Reject(f"recording the end of job {job_id} failed: {exc}", requeue=True) from exc
     job_finished(job, status)
 
 
@@ -263,9 +274,9 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]
 
 @app.task(name=TASKS["finetune"])
 def finetune_task(job_id: str) -> None:
-    run_job(job_id, train)
+    run_job(context(), job_id, train)
 
 
 @app.task(name=TASKS["generate"])
 def generate_task(job_id: str) -> None:
-    run_job(job_id, generate)
+    run_job(context(), job_id, generate)

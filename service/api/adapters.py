@@ -5,7 +5,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import AdapterDep, ServicesDep, TenantDep, check_job_quota, check_side
+from service.api.deps import AdapterDep, ServicesDep, TenantDep, check_side, create_job, send_job
 from service.api.schemas import (
     MAX_SEED,
     AdapterCreated,
@@ -21,7 +21,6 @@ from service.context import Services
 from service.errors import ApiError, invalid
 from service.ids import is_valid_id, new_id
 from service.images import MAX_IMAGES, CheckedImage, check_image
-from service.queue import enqueue
 from service.storage import ADAPTER_SUBDIR, read_atoms
 from service.tenants import Tenant
 from service.workers_registry import BaseShape, base_shape
@@ -65,7 +64,6 @@ def create_adapter(
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")
     check_side("resolution", form.resolution, settings.max_resolution)
     _check_atoms(form.atoms, base_shape(services.db))
-    check_job_quota(services, tenant)
     checked: list[CheckedImage] = [
         check_image(
             upload.filename or f"#{i}",
@@ -95,9 +93,18 @@ def create_adapter(
         "images": len(names),
     }
     services.catalog.create(adapter_id, tenant.id, form.prompt, "trained", config, training, job_id)
+
+    def discard() -> None:
+        services.catalog.delete(adapter_id, tenant.id)
+        services.storage.remove_adapter(tenant.id, adapter_id)
+
     params = {"prompt": form.prompt, "config": config, "training": training, "images": names}
-    services.jobs.create(job_id, tenant.id, "finetune", params, total=form.steps, adapter_id=adapter_id)
-    enqueue(services.celery, "finetune", job_id)
+    try:
+        create_job(services, tenant, job_id, "finetune", params, total=form.steps, adapter_id=adapter_id)
+    except ApiError:
+        discard()
+        raise
+    send_job(services, job_id, "finetune", undo=discard)
     return AdapterCreated(adapter_id=adapter_id, job_id=job_id)
 
 

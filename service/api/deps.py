@@ -1,7 +1,8 @@
 """Dependencies of the routes: the process's services, the calling tenant, and owned objects."""
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -10,8 +11,11 @@ from service.catalog import AdapterRecord
 from service.context import Services
 from service.errors import ApiError, invalid, not_found
 from service.ids import is_valid_id
-from service.jobs import Job
+from service.jobs import Job, JobKind
+from service.queue import enqueue
 from service.tenants import Tenant
+
+log = logging.getLogger(__name__)
 
 
 def get_services(request: Request) -> Services:
@@ -65,12 +69,36 @@ async def stream_slot(tenant: TenantDep, services: ServicesDep) -> AsyncIterator
 StreamSlotDep = Annotated[None, Depends(stream_slot)]
 
 
-def check_job_quota(services: Services, tenant: Tenant) -> None:
+def create_job(
+    services: Services,
+    tenant: Tenant,
+    job_id: str,
+    kind: JobKind,
+    params: dict[str, Any],
+    total: int,
+    adapter_id: str | None = None,
+) -> None:
+    """Records the job as queued, or answers 429 if the tenant has its limit of active jobs."""
     limit = services.settings.max_active_jobs_per_tenant
-    if services.jobs.active_count(tenant.id) >= limit:
+    if services.jobs.create(job_id, tenant.id, kind, params, total, max_active=limit, adapter_id=adapter_id) is None:
         raise ApiError(
             429, "too_many_jobs", f"you have {limit} jobs queued or running; wait for some to finish or cancel them"
         )
+
+
+def send_job(services: Services, job_id: str, kind: JobKind, undo: Callable[[], None] | None = None) -> None:
+    """Queues a created job. If that fails, the job is failed (so it holds no slot of the tenant's
+    quota), ``undo`` removes what was written for it, and the error propagates (503)."""
+    try:
+        enqueue(services.celery, kind, job_id)
+    except Exception:
+        try:
+            services.jobs.abandon(job_id, "unavailable", "the job could not be queued; submit it again")
+            if undo is not None:
+                undo()
+        except Exception:
+            log.exception("cleaning up job %s, which could not be queued, failed", job_id)
+        raise
 
 
 # PixArt's VAE downsamples by 8 and its transformer patches latents by 2.

@@ -6,13 +6,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import ServicesDep, TenantDep, check_job_quota, check_side, owned_adapter
+from service.api.deps import ServicesDep, TenantDep, check_side, create_job, owned_adapter, send_job
 from service.api.schemas import MAX_SEED, ErrorResponse, GenerationAccepted, GenerationRequest, JobOut
 from service.catalog import AdapterRecord
 from service.context import Services
 from service.errors import ApiError, invalid
 from service.ids import new_id
-from service.queue import enqueue
 from service.storage import read_atoms
 from service.tenants import Tenant
 
@@ -53,13 +52,12 @@ def _submit(request: GenerationRequest, tenant: Tenant, services: Services) -> s
     check_side("height", request.height, services.settings.max_resolution)
     record = owned_adapter(request.adapter_id, tenant, services) if request.adapter_id else None
     _check_adapter_options(request, record, services)
-    check_job_quota(services, tenant)
     params = request.model_dump(mode="json")
     if params["seed"] is None:
         params["seed"] = secrets.randbelow(MAX_SEED + 1)
     job_id = new_id()
-    services.jobs.create(job_id, tenant.id, "generate", params, total=request.steps, adapter_id=request.adapter_id)
-    enqueue(services.celery, "generate", job_id)
+    create_job(services, tenant, job_id, "generate", params, total=request.steps, adapter_id=request.adapter_id)
+    send_job(services, job_id, "generate")
     return job_id
 
 

@@ -17,6 +17,7 @@ from service.app import create_app
 from service.catalog import AdapterCatalog
 from service.ids import new_id
 from service.jobs import JobStore
+from service.queue import make_celery
 from service.redis_db import BASE_MODEL_KEY, connect, tenant_streams_key
 from service.settings import Settings
 from service.tenants import TenantStore
@@ -304,8 +305,8 @@ def test_event_streams_and_waits_are_bounded_per_tenant(
     jobs = JobStore(connect(settings.redis_url))
     # Never enqueued, so it stays queued and its streams stay open until it is cancelled.
     job_id, other_job = new_id(), new_id()
-    jobs.create(job_id, api.tenant_id, "generate", {"prompt": "p"}, total=1)  # type: ignore[attr-defined]
-    jobs.create(other_job, other.tenant_id, "generate", {"prompt": "p"}, total=1)  # type: ignore[attr-defined]
+    jobs.create(job_id, api.tenant_id, "generate", {"prompt": "p"}, total=1, max_active=1)  # type: ignore[attr-defined]
+    jobs.create(other_job, other.tenant_id, "generate", {"prompt": "p"}, total=1, max_active=1)  # type: ignore[attr-defined]
     limit = Settings().max_streams_per_tenant
     with ExitStack() as streams:
         opened = [streams.enter_context(api.stream("GET", f"/v1/jobs/{job_id}/events")) for _ in range(limit)]
@@ -382,3 +383,31 @@ def test_imports_and_training_requests_are_checked_against_the_served_base(setti
         assert refused.status_code == 422
         assert "atoms (18) must be a multiple of the base model's 4 attention heads" in error_of(refused)["message"]
         assert len(client.get("/v1/adapters").json()["items"]) == 1  # only the good import
+
+
+def test_a_job_that_cannot_be_queued_fails_and_leaves_nothing_behind(
+    settings: Settings, image_bytes: Callable[..., bytes]
+) -> None:
+    isolated = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/5"})
+    db = connect(isolated.redis_url)
+    tenant, key = TenantStore(db).create(f"queue-down-{new_id()}")
+    # A broker nothing listens on (port 1 is privileged): sending a task fails as when the queue is down.
+    broker_down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(isolated), headers={"Authorization": f"Bearer {key}"}) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        services.celery = make_celery(broker_down)
+        generation = client.post("/v1/generations", json={"prompt": "p"})
+        image = [("images", ("a.png", image_bytes((1, 2, 3)), "image/png"))]
+        training = client.post("/v1/adapters", data={"prompt": "p", "atoms": 16}, files=image)
+        assert client.get("/v1/adapters").json()["items"] == []
+    for response in (generation, training):
+        assert response.status_code == 503 and error_of(response)["code"] == "unavailable", response.text
+    # Both jobs were recorded, then failed: neither holds a slot of the tenant's quota.
+    jobs = JobStore(db)
+    ids = [key.split(":")[2] for key in db.scan_iter("atomtune:job:*") if not key.endswith(":events")]
+    mine = [job for job in map(jobs.get, ids) if job is not None and job.tenant_id == tenant.id]
+    assert sorted(job.kind for job in mine) == ["finetune", "generate"]
+    assert all(job.status == "failed" and job.error_code == "unavailable" for job in mine)
+    assert jobs.active_count(tenant.id) == 0
+    # The fine-tune's uploads went with its adapter record.
+    assert not any((settings.data_dir / "tenants" / tenant.id).glob("*/*"))

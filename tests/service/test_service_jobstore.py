@@ -1,11 +1,17 @@
 """Job state transitions on a real Redis: what a redelivery, a cancel or a stale worker may do."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import pytest
 
+from service.catalog import AdapterCatalog
 from service.ids import new_id
 from service.jobs import JobStore
 from service.redis_db import connect
 from service.settings import Settings
+from service.storage import Storage
 
 
 @pytest.fixture
@@ -15,7 +21,7 @@ def jobs(settings: Settings) -> JobStore:
 
 def make(jobs: JobStore) -> str:
     job_id = new_id()
-    jobs.create(job_id, new_id(), "generate", {"prompt": "p"}, total=3)
+    jobs.create(job_id, new_id(), "generate", {"prompt": "p"}, total=3, max_active=16)
     return job_id
 
 
@@ -60,3 +66,43 @@ def test_a_job_that_keeps_killing_workers_is_given_up(jobs: JobStore) -> None:
     assert jobs.claim(job_id, pid=3, max_attempts=2)[0] == "failed"
     job = jobs.get(job_id)
     assert job is not None and job.error_code == "worker_lost" and "2 times" in (job.error_message or "")
+
+
+def test_concurrent_creates_never_pass_the_tenants_quota(jobs: JobStore) -> None:
+    tenant = new_id()
+    start = threading.Barrier(12)
+
+    def create(_: int) -> bool:
+        start.wait()
+        return jobs.create(new_id(), tenant, "generate", {"prompt": "p"}, total=1, max_active=3) is not None
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        created = list(pool.map(create, range(12)))
+    assert sum(created) == 3 and jobs.active_count(tenant) == 3
+
+
+def test_abandon_fails_only_a_job_still_queued(jobs: JobStore) -> None:
+    queued = make(jobs)
+    tenant = jobs.get(queued).tenant_id  # type: ignore[union-attr]
+    assert jobs.abandon(queued, "unavailable", "could not be queued") == "failed"
+    job = jobs.get(queued)
+    assert job is not None and job.status == "failed" and job.error_code == "unavailable"
+    assert jobs.active_count(tenant) == 0
+
+    running = make(jobs)
+    jobs.claim(running, pid=1, max_attempts=3)
+    assert jobs.abandon(running, "unavailable", "could not be queued") == "running"
+
+
+def test_a_worker_that_cannot_reach_redis_puts_the_message_back(settings: Settings, tmp_path: Path) -> None:
+    from celery.exceptions import Reject
+
+    from worker.tasks import WorkerContext, run_job
+
+    # Nothing listens on port 1: the claim fails as it does while Redis is down. Celery would
+    # acknowledge (drop) the message of a task that raised anything but Reject.
+    down = connect("redis://127.0.0.1:1/0")
+    ctx = WorkerContext(settings, JobStore(down), AdapterCatalog(down), Storage(tmp_path))
+    with pytest.raises(Reject) as raised:
+        run_job(ctx, new_id(), lambda *_: {})
+    assert raised.value.requeue is True
