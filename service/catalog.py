@@ -49,9 +49,18 @@ def _json_or_none(value: str | None) -> Any:
     return json.loads(value) if value else None
 
 
+# One step: a separate existence check would let a delete in between leave a partial record.
+_MARK_READY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
 class AdapterCatalog:
     def __init__(self, db: redis.Redis) -> None:
         self.db = db
+        self._mark_ready = db.register_script(_MARK_READY)
 
     def create(
         self,
@@ -97,18 +106,14 @@ class AdapterCatalog:
 
     def mark_ready(self, adapter_id: str, config: dict[str, Any], layers: list[int], metrics: dict[str, Any]) -> bool:
         """Returns False if the adapter was deleted meanwhile (the caller then discards its files)."""
-        if not self.db.exists(adapter_key(adapter_id)):
-            return False
-        self.db.hset(
-            adapter_key(adapter_id),
-            mapping={
-                "config": json.dumps(config),
-                "layers": json.dumps(layers),
-                "metrics": json.dumps(metrics),
-                "ready_at": time.time(),
-            },
-        )
-        return True
+        fields = {
+            "config": json.dumps(config),
+            "layers": json.dumps(layers),
+            "metrics": json.dumps(metrics),
+            "ready_at": time.time(),
+        }
+        pairs = [item for field in fields.items() for item in field]
+        return bool(self._mark_ready(keys=[adapter_key(adapter_id)], args=pairs))
 
     def page(self, tenant_id: str, limit: int, before: str | None) -> list[str]:
         """Ids, newest first, strictly older than ``before`` when given."""

@@ -9,7 +9,7 @@ import pytest
 from service.catalog import AdapterCatalog
 from service.ids import new_id
 from service.jobs import JobStore
-from service.redis_db import connect
+from service.redis_db import adapter_key, connect
 from service.settings import Settings
 from service.storage import Storage
 
@@ -106,3 +106,25 @@ def test_a_worker_that_cannot_reach_redis_puts_the_message_back(settings: Settin
     with pytest.raises(Reject) as raised:
         run_job(ctx, new_id(), lambda *_: {})
     assert raised.value.requeue is True
+
+
+def test_marking_ready_never_recreates_a_deleted_adapter(settings: Settings) -> None:
+    catalog = AdapterCatalog(connect(settings.redis_url))
+    tenant = new_id()
+    config = {"num_atoms": 8}
+    for _ in range(200):
+        adapter_id = new_id()
+        catalog.create(adapter_id, tenant, "p", "trained", config, job_id=new_id())
+        race = threading.Barrier(2)
+
+        def delete(adapter_id: str = adapter_id, race: threading.Barrier = race) -> None:
+            race.wait()
+            catalog.delete(adapter_id, tenant)
+
+        deleter = threading.Thread(target=delete)
+        deleter.start()
+        race.wait()
+        catalog.mark_ready(adapter_id, config, [0], metrics={})
+        deleter.join()
+        # Deleted, whatever the order: never a partial record that reads would trip over.
+        assert catalog.db.exists(adapter_key(adapter_id)) == 0
