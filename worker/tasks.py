@@ -161,10 +161,17 @@ def _loss_curve(losses: list[float]) -> list[float]:
 
 
 def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]:
-    record = _adapter_of(ctx, job)
     params = job.params
-    uploads = ctx.storage.uploads_dir(job.tenant_id, record.id)
-    images = [Image.open(uploads / name).convert("RGB") for name in params["images"]]
+    try:
+        record = _adapter_of(ctx, job)
+        uploads = ctx.storage.uploads_dir(job.tenant_id, record.id)
+        images = [Image.open(uploads / name).convert("RGB") for name in params["images"]]
+    except (JobFailed, FileNotFoundError):
+        # Deleting the adapter cancels its job, then removes its record and uploads; a training
+        # that starts meanwhile finds them gone, which is that cancel, not a fault.
+        if ctx.jobs.cancel_requested(job.id) or ctx.catalog.get(job.adapter_id or "") is None:
+            raise JobCancelled from None
+        raise
     runtime = ctx.runtime()
     config = SparseDictionaryConfig(**params["config"], base_fingerprint=runtime.fingerprint)
     config.validate(num_blocks=runtime.host.num_blocks, num_heads=runtime.host.num_heads)
@@ -202,8 +209,9 @@ def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]:
             "steps": len(result.losses),
         }
         if not ctx.catalog.mark_ready(record.id, summary.config, summary.layers, metrics):
+            # Its owner deleted it while it trained, which also asked the job to stop.
             ctx.storage.remove_adapter(job.tenant_id, record.id)
-            raise JobFailed("adapter_deleted", f"adapter '{record.id}' was deleted while it trained")
+            raise JobCancelled
         # Keep the fresh adapter resident: the first generation with it usually follows at once.
         runtime.cache.insert(record.id, result.adapter)
     return {"adapter_id": record.id}

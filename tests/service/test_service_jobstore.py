@@ -1,4 +1,5 @@
-"""Job state transitions on a real Redis: what a redelivery, a cancel or a stale worker may do."""
+"""Job and adapter state on a real Redis: what a redelivery, a cancel, a stale worker, a full quota
+or a concurrent delete may do, and how a worker ends a job when Redis or its adapter goes away."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -8,7 +9,7 @@ import pytest
 
 from service.catalog import AdapterCatalog
 from service.ids import new_id
-from service.jobs import JobStore
+from service.jobs import Job, JobStore
 from service.redis_db import adapter_key, connect
 from service.settings import Settings
 from service.storage import Storage
@@ -128,3 +129,33 @@ def test_marking_ready_never_recreates_a_deleted_adapter(settings: Settings) -> 
         deleter.join()
         # Deleted, whatever the order: never a partial record that reads would trip over.
         assert catalog.db.exists(adapter_key(adapter_id)) == 0
+
+
+# What DELETE /v1/adapters/{id} has done when the training starts: it cancels the job, deletes
+# the record, then removes the uploads; the training may start between any two of these.
+@pytest.mark.parametrize(
+    ("cancelled", "record_deleted"), [(True, True), (True, False), (False, True)], ids=["all", "cancel", "record"]
+)
+def test_a_training_whose_adapter_is_deleted_as_it_starts_ends_cancelled(
+    settings: Settings, tmp_path: Path, cancelled: bool, record_deleted: bool
+) -> None:
+    from worker.tasks import Reporter, WorkerContext, run_job, train
+
+    db = connect(settings.redis_url)
+    jobs, catalog = JobStore(db), AdapterCatalog(db)
+    ctx = WorkerContext(settings, jobs, catalog, Storage(tmp_path))
+    tenant, adapter_id, job_id = new_id(), new_id(), new_id()
+    catalog.create(adapter_id, tenant, "p", "trained", {"num_atoms": 8}, job_id=job_id)
+    # The uploads are never written: they are gone as far as the training can tell.
+    jobs.create(job_id, tenant, "finetune", {"images": ["0.png"]}, total=5, max_active=1, adapter_id=adapter_id)
+
+    def deleted_as_it_starts(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict:
+        if cancelled:
+            jobs.cancel(job_id)
+        if record_deleted:
+            catalog.delete(adapter_id, tenant)
+        return train(ctx, job, reporter)
+
+    run_job(ctx, job_id, deleted_as_it_starts)
+    job = jobs.get(job_id)
+    assert job is not None and job.status == "cancelled" and job.error_code is None
