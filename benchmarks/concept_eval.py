@@ -5,7 +5,8 @@ learned from five images under the rare token "sks" with the prompt
 "a green sks on a white background". Evaluation prompts recolour it and move it to other
 backgrounds. The judge scores every generated image:
 
-* fidelity: the share of images it classifies as the concept (the paper: CLIP-I to the concept);
+* fidelity: its mean probability that an image shows the concept (the paper: CLIP-I to the
+  concept images);
 * text alignment: the share where it finds the prompted colour, and the prompted background,
   and their mean (the paper: CLIP-T);
 * diversity: the Vendi score of its embeddings over the images of one prompt, averaged over
@@ -85,8 +86,8 @@ class Budget:
 
 
 FULL = Budget(
-    steps=300,
-    learning_rate=1e-3,
+    steps=400,
+    learning_rate=3e-3,
     batch_size=4,
     seeds=(0, 1, 2),
     prompts=len(EVAL_PAIRS),
@@ -98,7 +99,7 @@ FULL = Budget(
 )
 QUICK = Budget(
     steps=20,
-    learning_rate=1e-3,
+    learning_rate=3e-3,
     batch_size=2,
     seeds=(0,),
     prompts=2,
@@ -144,6 +145,7 @@ class Run:
     scores: Scores
     trainable_parameters: int
     train_seconds: float
+    training_prompt_fidelity: float
     top_atoms: dict[int, Scores] = field(default_factory=dict)
 
 
@@ -166,7 +168,7 @@ def eval_prompts(budget: Budget) -> list[tuple[str, str, str]]:
 def score(judge: judge_module.Judge, images: list[Image.Image], budget: Budget) -> Scores:
     prompts = eval_prompts(budget)
     verdict = judge_module.judge_images(judge, images)
-    fidelity = np.mean([label == world.CONCEPT for label in verdict.labels["shape"]])
+    fidelity = _concept_probability(verdict)
     colour = np.mean([label == p[1] for label, p in zip(verdict.labels["colour"], prompts, strict=True)])
     background = np.mean([label == p[2] for label, p in zip(verdict.labels["background"], prompts, strict=True)])
     per_prompt = verdict.embeddings.reshape(budget.prompts, budget.images_per_prompt, -1)
@@ -178,6 +180,12 @@ def score(judge: judge_module.Judge, images: list[Image.Image], budget: Budget) 
         alignment=float((colour + background) / 2),
         diversity=float(diversity),
     )
+
+
+def _concept_probability(verdict: judge_module.Verdict) -> float:
+    """Mean judge probability of the concept class: continuous, like the paper's CLIP-I similarity,
+    so partial likeness still counts where an argmax would read 0 for every method."""
+    return float(verdict.probabilities["shape"][:, world.JUDGE_SHAPES.index(world.CONCEPT)].mean())
 
 
 def generate(
@@ -229,25 +237,30 @@ def run_method(
     top_scores: dict[int, Scores] = {}
     # PEFT wraps the transformer in place, so every run starts from a freshly loaded base model.
     pipe = load_demo_model(model)
+    host: AdapterHost | None = None
+    route: SampleRoute | None = None
+    parameters = 0
     start = time.perf_counter()
-    if method.kind == "base":
-        images, parameters = generate(pipe, prompts, seed, budget), 0
-    elif method.kind == "ours":
+    if method.kind == "ours":
         host = AdapterHost(pipe.transformer)
         adapter_config = SparseDictionaryConfig(num_atoms=method.num_atoms, density=method.density)
         result = train_adapter(pipe, host, samples, TRAIN_PROMPT, adapter_config, config)
         parameters = sum(p.numel() for p in result.adapter.parameters())
         host.add(ADAPTER, result.adapter)
-        images = generate(pipe, prompts, seed, budget, host, SampleRoute(ADAPTER))
-        for k in top_atoms:
-            by_k[k] = generate(pipe, prompts, seed, budget, host, SampleRoute(ADAPTER, top_atoms=k))
-            top_scores[k] = score(judge, by_k[k], budget)
-    else:
+        route = SampleRoute(ADAPTER)
+    elif method.kind != "base":
         baseline = train_baseline(pipe, samples, TRAIN_PROMPT, method.kind, config)  # type: ignore[arg-type]
         parameters = sum(p.numel() for name, p in baseline.model.named_parameters() if _is_peft(name))
-        images = generate(pipe, prompts, seed, budget)
     seconds = time.perf_counter() - start
-    run = Run(method, seed, score(judge, images, budget), parameters, seconds, top_scores)
+    images = generate(pipe, prompts, seed, budget, host, route)
+    for k in top_atoms:
+        by_k[k] = generate(pipe, prompts, seed, budget, host, SampleRoute(ADAPTER, top_atoms=k))
+        top_scores[k] = score(judge, by_k[k], budget)
+    # Fidelity on the training prompt itself separates "did not learn the concept" from "learned
+    # it but cannot recolour or move it".
+    recall = generate(pipe, [TRAIN_PROMPT] * budget.images_per_prompt, seed, budget, host, route)
+    recall_fidelity = _concept_probability(judge_module.judge_images(judge, recall))
+    run = Run(method, seed, score(judge, images, budget), parameters, seconds, recall_fidelity, top_scores)
     return run, images, by_k
 
 
@@ -274,12 +287,14 @@ def _table(runs: list[Run], title: str) -> str:
     lines = [
         f"**{title}** (mean ± std over {seeds} seed{'s' if seeds > 1 else ''})",
         "",
-        "| method | fidelity | colour | background | alignment | diversity (Vendi) | trainable params | time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | fidelity | colour | background | alignment | diversity (Vendi) "
+        "| fidelity, training prompt | trainable params | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, (mean, std, parameters, seconds) in _summarise(runs).items():
         cells = [f"{getattr(mean, k):.3f} ± {getattr(std, k):.3f}" for k in asdict(mean)]
-        lines.append(f"| {label} | {' | '.join(cells)} | {parameters:,} | {seconds:.1f} |")
+        recall = np.mean([run.training_prompt_fidelity for run in runs if run.method.label == label])
+        lines.append(f"| {label} | {' | '.join(cells)} | {recall:.3f} | {parameters:,} | {seconds:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -417,6 +432,7 @@ def _run_dict(run: Run) -> dict[str, object]:
         "scores": asdict(run.scores),
         "trainable_parameters": run.trainable_parameters,
         "train_seconds": run.train_seconds,
+        "training_prompt_fidelity": run.training_prompt_fidelity,
         "top_atoms": {str(k): asdict(v) for k, v in run.top_atoms.items()},
     }
 

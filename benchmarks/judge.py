@@ -63,7 +63,8 @@ class Verdict:
     """What the judge reads off a batch of images: one label per attribute per image."""
 
     labels: dict[str, list[str]]
-    confidence: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray]
+    """Per attribute, [N, classes] softmax over `ATTRIBUTES[attribute]`."""
     embeddings: np.ndarray
 
 
@@ -78,12 +79,12 @@ def judge_images(judge: Judge, images: list[Image.Image]) -> Verdict:
     pixels = torch.from_numpy(world.to_array([_resized(image) for image in images]))
     embedding, logits = judge(pixels)
     labels: dict[str, list[str]] = {}
-    confidence: dict[str, np.ndarray] = {}
+    probabilities: dict[str, np.ndarray] = {}
     for name, values in ATTRIBUTES.items():
         probs = logits[name].softmax(-1)
         labels[name] = [values[i] for i in probs.argmax(-1).tolist()]
-        confidence[name] = probs.max(-1).values.numpy()
-    return Verdict(labels=labels, confidence=confidence, embeddings=embedding.numpy())
+        probabilities[name] = probs.numpy()
+    return Verdict(labels=labels, probabilities=probabilities, embeddings=embedding.numpy())
 
 
 def _resized(image: Image.Image) -> Image.Image:
