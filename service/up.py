@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from urllib.error import URLError
 from urllib.parse import urlsplit
@@ -25,6 +26,8 @@ from service.tenants import TenantStore
 DEMO_TENANT = "demo"
 STARTUP_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 20.0
+# Trained by benchmarks/train_demo_model.py; present in a checkout (editable install).
+BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 
 def _redis_answers(url: str) -> bool:
@@ -58,7 +61,10 @@ def _start_redis(settings: Settings) -> subprocess.Popen[bytes]:
 def _base_model(settings: Settings) -> str:
     if settings.base_model:
         return settings.base_model
-    # No trained demo model exists yet: a tiny random PixArt-Σ shows the whole path working.
+    # The bundled demo model draws the synthetic shapes world, so fine-tuning visibly works.
+    if (BUNDLED_DEMO_MODEL / "model_index.json").exists():
+        return str(BUNDLED_DEMO_MODEL)
+    # Installed without the repository's models/ folder: a tiny random PixArt-Σ still shows the whole path.
     folder = settings.data_dir.resolve() / "models" / "tiny-pixart-sigma"
     if not (folder / "model_index.json").exists():
         from adapters import save_tiny_pipeline

@@ -1,5 +1,6 @@
 """The ``atomtune`` command: tenants, and ``up`` bringing the whole service up and down."""
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from service.redis_db import connect
+from service.up import BUNDLED_DEMO_MODEL
+from service.workers_registry import base_shape
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,7 +98,14 @@ def test_up_starts_redis_gateway_and_worker_and_stops_them_on_ctrl_c(tmp_path: P
         assert httpx.get(f"{url}/readyz").status_code == 200
         listed = httpx.get(f"{url}/v1/adapters", headers={"Authorization": f"Bearer {key}"})
         assert listed.status_code == 200 and listed.json()["items"] == []
-        assert (tmp_path / "data" / "models" / "tiny-pixart-sigma" / "model_index.json").exists()
+        # Without ATOMTUNE_BASE_MODEL, `up` serves the bundled demo model.
+        db = connect(f"redis://127.0.0.1:{redis_port}/0")
+        while (shape := base_shape(db)) is None:
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        demo_config = json.loads((BUNDLED_DEMO_MODEL / "transformer" / "config.json").read_text())
+        assert shape.num_blocks == demo_config["num_layers"]
+        assert not (tmp_path / "data" / "models").exists()
     finally:
         process.send_signal(signal.SIGINT)
         returncode = process.wait(90)
