@@ -12,7 +12,7 @@ backgrounds. The judge scores every generated image:
 * diversity: the Vendi score of its embeddings over the images of one prompt, averaged over
   prompts (the paper: Vendi over DINOv2 embeddings).
 
-    python -m benchmarks.concept_eval            # the full benchmark (about 30 min on 2 cores)
+    python -m benchmarks.concept_eval            # the full benchmark (8 min on 2 cores)
     python -m benchmarks.concept_eval --quick    # a few minutes: one seed, a few steps, small sweeps
 
 Outputs land in `benchmarks/results/` (`--output` to change): `concept_eval.md` (tables),
