@@ -27,7 +27,6 @@ def test_concept_images_show_the_concept() -> None:
     assert set(verdict.labels["colour"]) == {concept_eval.TRAIN_COLOUR}
 
 
-@pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="models/demo not built")
 def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path: Path) -> None:
     raw = concept_eval.run_benchmark(concept_eval.QUICK, DEMO_MODEL, tmp_path)
     for name in ("concept_eval.md", "concept_eval.json", "density_sweep.png", "concept_methods.png", "top_atoms.png"):

@@ -1,12 +1,8 @@
 import json
 
-import pytest
-
 from benchmarks import judge as judge_module
 from benchmarks import world
 from benchmarks.train_demo_model import DEMO_MODEL, generate, load_demo_model
-
-pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model_index.json").exists(), reason="models/demo not built")
 
 
 def test_demo_model_is_a_small_diffusers_pixart_sigma_folder() -> None:
