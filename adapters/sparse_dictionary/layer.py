@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from adapters.sparse_dictionary.config import SparseDictionaryConfig
+from adapters.sparse_dictionary.config import SparseDictionaryConfig, base_fingerprint
 
 
 class SparseDictionaryLayer(nn.Module):
@@ -63,8 +63,6 @@ class SparseDictionaryAdapter(nn.Module):
     @classmethod
     def create(cls, config: SparseDictionaryConfig, transformer: nn.Module, seed: int = 0) -> SparseDictionaryAdapter:
         """A fresh adapter for ``transformer``: random W_s, zero D, the base's fingerprint."""
-        from adapters.sparse_dictionary.config import base_fingerprint
-
         num_blocks = len(transformer.transformer_blocks)
         attn = transformer.transformer_blocks[0].attn1
         config.validate(num_blocks=num_blocks, num_heads=attn.heads)
