@@ -14,6 +14,7 @@ from adapters import (
     SparseDictionaryAdapter,
     SparseDictionaryConfig,
 )
+from adapters.sparse_dictionary.layer import fused_attention, linear_with_slack, reference_attention
 from adapters.tiny import build_tiny_transformer
 
 ATOMS = 16
@@ -79,6 +80,29 @@ def test_fused_path_equals_reference_path(transformer: PixArtTransformer2DModel,
         reference = forward(transformer, batch)
     assert relative_error(fused, reference) < 1e-5
     assert relative_error(fused, base) > 1e-2, "the adapter must change the output for this test to mean anything"
+
+
+def test_fused_attention_is_exact_with_and_without_query_slack() -> None:
+    """The overlapping wide-query view (q written with slack) and the zero-padded copy (any
+    other q) both equal the written-out attention map, with and without a mask."""
+    generator = torch.Generator().manual_seed(0)
+    batch, tokens, heads, head_dim, extra = 2, 12, 4, 8, 5
+    projection = torch.nn.Linear(16, heads * head_dim)
+    hidden = torch.randn(batch, tokens, 16, generator=generator)
+    with torch.no_grad():
+        slack_query = linear_with_slack(projection, hidden, extra).view(batch, tokens, heads, head_dim)
+        plain_query = projection(hidden).view(batch, tokens, heads, head_dim)
+    key, value = (torch.randn(batch, tokens, heads, head_dim, generator=generator) for _ in range(2))
+    coefficients = torch.randn(batch, tokens, heads, extra, generator=generator)
+    mask = torch.zeros(batch, 1, 1, tokens)
+    mask[0, ..., -3:] = float("-inf")
+    for attention_mask in (None, mask):
+        expected = reference_attention(plain_query, key, value, coefficients, attention_mask, head_dim**-0.5)
+        for query in (slack_query, plain_query):
+            got = fused_attention(query, key, value, coefficients, attention_mask, head_dim**-0.5)
+            for part, want in zip(got, expected, strict=True):
+                assert relative_error(part, want) < 1e-6
+    assert torch.equal(slack_query, plain_query)
 
 
 def test_attaching_and_untrained_adapter_leave_base_output_unchanged(transformer: PixArtTransformer2DModel) -> None:

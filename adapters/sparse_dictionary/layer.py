@@ -160,26 +160,28 @@ class SparseDictionaryAttnProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
             attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // heads
-        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        # q, k, v stay in the projections' (B, N, H, d) layout: the padded and stacked copies
+        # below are then plain row copies, and SDPA takes the transposed views as they are.
+        if attn.norm_q is None and type(attn.to_q) is nn.Linear:
+            query = linear_with_slack(attn.to_q, hidden_states, coefficients.shape[-1])
+        else:
+            query = attn.to_q(hidden_states)
+        query = query.view(batch, tokens, heads, -1)
+        key = attn.to_k(hidden_states).view(batch, tokens, heads, -1)
+        value = attn.to_v(hidden_states).view(batch, tokens, heads, -1)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        coefficients = coefficients.transpose(1, 2).to(value.dtype)  # (B, H, N, m)
+        coefficients = coefficients.to(value.dtype)
 
         if self.planner.reference:
             attended, mixed = reference_attention(query, key, value, coefficients, attention_mask, attn.scale)
         else:
             attended, mixed = fused_attention(query, key, value, coefficients, attention_mask, attn.scale)
 
-        attended = attended.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
-        output = add_dictionary_update(attn.to_out[1](attn.to_out[0](attended)), mixed.transpose(1, 2), groups)
+        attended = attended.reshape(batch, tokens, -1).to(query.dtype)
+        output = add_dictionary_update(attn.to_out[1](attn.to_out[0](attended)), mixed, groups)
         if attn.residual_connection:
             output = output + hidden_states
         return output / attn.rescale_output_factor
@@ -225,6 +227,20 @@ def _group_coefficients(hidden_states: torch.Tensor, group: GroupPlan) -> torch.
     return coefficients
 
 
+def linear_with_slack(linear: nn.Linear, inputs: torch.Tensor, slack: int) -> torch.Tensor:
+    """``linear(inputs)``, written into a buffer with ``slack`` spare elements after its end, so
+    that ``fused_attention`` can read every head's query as a wider overlapping view."""
+    rows = inputs.numel() // inputs.shape[-1]
+    buffer = inputs.new_empty(rows * linear.out_features + slack)
+    output = buffer[: rows * linear.out_features].view(rows, linear.out_features)
+    flat = inputs.reshape(rows, -1)
+    if linear.bias is None:
+        torch.mm(flat, linear.weight.t(), out=output)
+    else:
+        torch.addmm(linear.bias, flat, linear.weight.t(), out=output)
+    return output.view(*inputs.shape[:-1], linear.out_features)
+
+
 def fused_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -235,16 +251,39 @@ def fused_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A·V and A·S from one SDPA call: S rides along V as extra value channels.
 
-    Fused SDPA kernels want the value width to equal the query width, so q and k are padded
-    with zero columns (which add nothing to q·kᵀ) and the softmax scale is given explicitly.
+    Inputs and outputs are laid out (B, N, H, ·). Fused SDPA kernels want the value width to
+    equal the query width, so k is padded with zero columns and the softmax scale is given
+    explicitly. Zeros in k make q's extra columns irrelevant to q·kᵀ, so where q's storage
+    has room past its end (``linear_with_slack``) each head's query is read as an overlapping
+    view that runs into the next head's values, and q is never copied.
     """
     head_dim = value.shape[-1]
     extra = coefficients.shape[-1]
-    padded_query = F.pad(query, (0, extra))
-    padded_key = F.pad(key, (0, extra))
+    width = head_dim + extra
+    padded_key = key.new_empty(*key.shape[:-1], width)
+    padded_key[..., head_dim:] = 0
+    padded_key[..., :head_dim] = key
+    if _has_slack(query, extra):
+        batch, tokens, heads, _ = query.shape
+        wide_query = query.as_strided(
+            (batch, tokens, heads, width), (tokens * heads * head_dim, heads * head_dim, head_dim, 1)
+        )
+    else:
+        wide_query = F.pad(query, (0, extra))
     stacked = torch.cat([value, coefficients], dim=-1)
-    out = F.scaled_dot_product_attention(padded_query, padded_key, stacked, attn_mask=attention_mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        wide_query.transpose(1, 2),
+        padded_key.transpose(1, 2),
+        stacked.transpose(1, 2),
+        attn_mask=attention_mask,
+        scale=scale,
+    ).transpose(1, 2)
     return out[..., :head_dim], out[..., head_dim:]
+
+
+def _has_slack(query: torch.Tensor, extra: int) -> bool:
+    end = query.storage_offset() + query.numel() + extra
+    return query.is_contiguous() and query.untyped_storage().nbytes() >= end * query.element_size()
 
 
 def reference_attention(
@@ -256,11 +295,12 @@ def reference_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The slow path with the attention map written out; the fused path is tested against it."""
+    query, key, value, coefficients = (t.transpose(1, 2) for t in (query, key, value, coefficients))
     scores = (query @ key.transpose(-1, -2)) * scale
     if attention_mask is not None:
         scores = scores + attention_mask
     attention_map = scores.softmax(dim=-1)
-    return attention_map @ value, attention_map @ coefficients
+    return (attention_map @ value).transpose(1, 2), (attention_map @ coefficients).transpose(1, 2)
 
 
 def add_dictionary_update(output: torch.Tensor, mixed: torch.Tensor, groups: list[GroupPlan]) -> torch.Tensor:
