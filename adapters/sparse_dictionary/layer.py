@@ -162,7 +162,8 @@ class SparseDictionaryAttnProcessor:
 
         # q, k, v stay in the projections' (B, N, H, d) layout: the padded and stacked copies
         # below are then plain row copies, and SDPA takes the transposed views as they are.
-        if attn.norm_q is None and type(attn.to_q) is nn.Linear:
+        # out= has no autograd, so training takes the padded-copy path.
+        if attn.norm_q is None and type(attn.to_q) is nn.Linear and not torch.is_grad_enabled():
             query = linear_with_slack(attn.to_q, hidden_states, coefficients.shape[-1])
         else:
             query = attn.to_q(hidden_states)
