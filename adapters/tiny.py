@@ -279,7 +279,6 @@ def build_tiny_transformer(
     num_attention_heads: int = 4,
     attention_head_dim: int = 8,
     sample_size: int = TINY_LATENT_SIZE,
-    patch_size: int = 2,
 ) -> PixArtTransformer2DModel:
     """diffusers' own PixArt test transformer, except that heads x head_dim = 4 x 8 = 32 (the
     adapters need ``num_atoms`` divisible by the head count) and cross-attention matches the inner
@@ -289,7 +288,7 @@ def build_tiny_transformer(
         transformer = PixArtTransformer2DModel(
             sample_size=sample_size,
             num_layers=num_layers,
-            patch_size=patch_size,
+            patch_size=2,
             attention_head_dim=attention_head_dim,
             num_attention_heads=num_attention_heads,
             caption_channels=TINY_TEXT_DIM,
@@ -338,19 +337,16 @@ def build_tiny_pipeline(
     num_attention_heads: int = 4,
     attention_head_dim: int = 8,
     sample_size: int = TINY_LATENT_SIZE,
-    patch_size: int = 2,
 ) -> PixArtSigmaPipeline:
     """Build a randomly initialised PixArt-Σ pipeline, entirely offline, on the CPU in float32.
 
     The same ``seed`` and keyword arguments give bit-identical weights; the tokenizer does not
     depend on the seed at all. Each component is seeded independently, so the transformer's shape
     keywords never change the text encoder's or the VAE's weights. ``sample_size`` is the latent
-    side length; it must be a multiple of ``patch_size`` and the image is ``tiny_image_size(sample_size)``.
+    side length; it must be even (patch size 2) and the image is ``tiny_image_size(sample_size)``.
     """
-    if patch_size <= 0 or sample_size <= 0 or sample_size % patch_size:
-        raise ValueError(
-            f"sample_size must be a positive multiple of patch_size {patch_size}, got {sample_size}"
-        )
+    if sample_size <= 0 or sample_size % 2:
+        raise ValueError(f"sample_size must be a positive even number (patch size 2), got {sample_size}")
     tokenizer = build_tiny_tokenizer()
     text_encoder = _build_text_encoder(len(tokenizer), seed + _TEXT_ENCODER_SEED_OFFSET)
     vae = _build_vae(seed + _VAE_SEED_OFFSET)
@@ -360,7 +356,6 @@ def build_tiny_pipeline(
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,
         sample_size=sample_size,
-        patch_size=patch_size,
     )
     pipe = PixArtSigmaPipeline(
         tokenizer=tokenizer,
