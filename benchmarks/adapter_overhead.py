@@ -4,7 +4,7 @@ Runs the full-size PixArt-Σ transformer (its real config, random weights) for o
 forward pass: the base, with an adapter (M=256, p=0.04), with PEFT LoRA r=16 on q, k, v, out
 (unmerged), and a batch of 4 samples served by 4 different adapters against a batch of 4 served
 by one. Every variant runs in the same process, interleaved round by round, and the report
-gives medians and ratios to the base next to the adapter's FLOP floor (DESIGN §2).
+gives medians, and ratios to the base (the median of per-round ratios) next to the adapter's FLOP floor (DESIGN §2).
 
     python benchmarks/adapter_overhead.py --quick               # CPU, 4 blocks, < 2 minutes
     python benchmarks/adapter_overhead.py                       # CPU, all 28 blocks, 256 px
@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -111,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="4 blocks and 3 rounds: under 2 minutes on 2 CPUs")
-    parser.add_argument("--runs", type=int, default=None, help="timed rounds per variant (default 5, quick 3)")
+    parser.add_argument("--runs", type=int, default=None, help="timed rounds per variant (default 9, quick 3)")
     parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default 28, quick 4)")
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default 256 on CPU, 1024 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -124,7 +125,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     resolution = args.resolution or (1024 if device == "cuda" else 256)
     layers = args.layers or (4 if args.quick else 28)
-    runs = args.runs or (3 if args.quick else 5)
+    runs = args.runs or (3 if args.quick else 9)
     tokens = (resolution // 16) ** 2
 
     transformer = build_transformer(resolution, layers, device, dtype)
@@ -159,13 +160,22 @@ def main() -> None:
         step()
     times: dict[str, list[float]] = {name: [] for name in variants}
     cpu_times: dict[str, list[float]] = {name: [] for name in variants}
+    # Each round runs every variant once, in a shuffled order so no variant always follows the
+    # heavy batch-of-4 ones; ratios are taken within a round, where neighbours' load is alike.
+    order = random.Random(0)
     for _ in range(runs):
-        for name, step in variants.items():
-            wall, cpu = timed(step, device)
+        names = list(variants)
+        order.shuffle(names)
+        for name in names:
+            wall, cpu = timed(variants[name], device)
             times[name].append(wall)
             cpu_times[name].append(cpu)
     median = {name: statistics.median(values) for name, values in times.items()}
-    cpu = {name: statistics.median(values) for name, values in cpu_times.items()}
+
+    def ratio(numerator: str, denominator: str, samples: dict[str, list[float]]) -> float:
+        """Median over rounds of the per-round ratio."""
+        pairs = zip(samples[numerator], samples[denominator], strict=True)
+        return statistics.median(top / bottom for top, bottom in pairs)
 
     result = {
         "machine": machine(device),
@@ -182,14 +192,14 @@ def main() -> None:
         "lora_s": median["lora"],
         "homogeneous_batch4_s": median["homogeneous_batch4"],
         "heterogeneous_batch4_s": median["heterogeneous_batch4"],
-        "adapter_ratio": median["adapter"] / median["base"],
-        "lora_ratio": median["lora"] / median["base"],
+        "adapter_ratio": ratio("adapter", "base", times),
+        "lora_ratio": ratio("lora", "base", times),
         "flop_floor_ratio": 1 + flop_floor_ratio(tokens),
         "adapter_ratio_bar": 1 + 1.25 * flop_floor_ratio(tokens),
-        "hetero_batch_ratio": median["homogeneous_batch4"] / median["heterogeneous_batch4"],
-        "cpu_adapter_ratio": cpu["adapter"] / cpu["base"],
-        "cpu_lora_ratio": cpu["lora"] / cpu["base"],
-        "cpu_hetero_batch_ratio": cpu["homogeneous_batch4"] / cpu["heterogeneous_batch4"],
+        "hetero_batch_ratio": ratio("homogeneous_batch4", "heterogeneous_batch4", times),
+        "cpu_adapter_ratio": ratio("adapter", "base", cpu_times),
+        "cpu_lora_ratio": ratio("lora", "base", cpu_times),
+        "cpu_hetero_batch_ratio": ratio("homogeneous_batch4", "heterogeneous_batch4", cpu_times),
         "wall_times_s": times,
         "cpu_times_s": cpu_times,
     }

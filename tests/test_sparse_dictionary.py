@@ -103,6 +103,9 @@ def test_fused_attention_is_exact_with_and_without_query_slack() -> None:
             for part, want in zip(got, expected, strict=True):
                 assert relative_error(part, want) < 1e-6
     assert torch.equal(slack_query, plain_query)
+    storage = slack_query.untyped_storage()
+    slack = torch.empty(0, dtype=slack_query.dtype).set_(storage)[slack_query.numel() :]
+    assert torch.equal(slack, torch.zeros(extra)), "the slack is read by the last head: it must be finite"
 
 
 def test_attaching_and_untrained_adapter_leave_base_output_unchanged(transformer: PixArtTransformer2DModel) -> None:

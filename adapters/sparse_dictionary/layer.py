@@ -233,6 +233,8 @@ def linear_with_slack(linear: nn.Linear, inputs: torch.Tensor, slack: int) -> to
     that ``fused_attention`` can read every head's query as a wider overlapping view."""
     rows = inputs.numel() // inputs.shape[-1]
     buffer = inputs.new_empty(rows * linear.out_features + slack)
+    # The last head's view reads the slack; NaN bit patterns there would survive q·0 as NaN.
+    buffer[rows * linear.out_features :] = 0
     output = buffer[: rows * linear.out_features].view(rows, linear.out_features)
     flat = inputs.reshape(rows, -1)
     if linear.bias is None:
