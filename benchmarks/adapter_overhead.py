@@ -4,7 +4,8 @@ Runs the full-size PixArt-Σ transformer (its real config, random weights) for o
 forward pass: the base, with an adapter (M=256, p=0.04), with PEFT LoRA r=16 on q, k, v, out
 (unmerged), and a batch of 4 samples served by 4 different adapters against a batch of 4 served
 by one. Every variant runs in the same process, interleaved round by round, and the report
-gives medians, and ratios to the base (the median of per-round ratios) next to the adapter's FLOP floor (DESIGN §2).
+gives medians, and ratios to the base (each the median of per-round ratios) next to the
+adapter's FLOP floor (DESIGN §2).
 
     python benchmarks/adapter_overhead.py --quick               # CPU, 4 blocks, < 2 minutes
     python benchmarks/adapter_overhead.py                       # CPU, all 28 blocks, 256 px
@@ -102,6 +103,12 @@ def timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def ratio(numerator: str, denominator: str, samples: dict[str, list[float]]) -> float:
+    """Median over rounds of the per-round ratio of two variants' times."""
+    pairs = zip(samples[numerator], samples[denominator], strict=True)
+    return statistics.median(top / bottom for top, bottom in pairs)
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -171,11 +178,6 @@ def main() -> None:
             times[name].append(wall)
             cpu_times[name].append(cpu)
     median = {name: statistics.median(values) for name, values in times.items()}
-
-    def ratio(numerator: str, denominator: str, samples: dict[str, list[float]]) -> float:
-        """Median over rounds of the per-round ratio."""
-        pairs = zip(samples[numerator], samples[denominator], strict=True)
-        return statistics.median(top / bottom for top, bottom in pairs)
 
     result = {
         "machine": machine(device),
