@@ -98,8 +98,8 @@ def test_fused_attention_is_exact_with_and_without_query_slack() -> None:
     mask[0, ..., -3:] = float("-inf")
     for attention_mask in (None, mask):
         expected = reference_attention(plain_query, key, value, coefficients, attention_mask, head_dim**-0.5)
-        for query in (slack_query, plain_query):
-            got = fused_attention(query, key, value, coefficients, attention_mask, head_dim**-0.5)
+        for query, has_slack in ((slack_query, True), (plain_query, False)):
+            got = fused_attention(query, key, value, coefficients, attention_mask, head_dim**-0.5, has_slack)
             for part, want in zip(got, expected, strict=True):
                 assert relative_error(part, want) < 1e-6
     assert torch.equal(slack_query, plain_query)

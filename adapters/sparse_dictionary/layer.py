@@ -163,7 +163,8 @@ class SparseDictionaryAttnProcessor:
         # q, k, v stay in the projections' (B, N, H, d) layout: the padded and stacked copies
         # below are then plain row copies, and SDPA takes the transposed views as they are.
         # out= has no autograd, so training takes the padded-copy path.
-        if attn.norm_q is None and type(attn.to_q) is nn.Linear and not torch.is_grad_enabled():
+        query_has_slack = attn.norm_q is None and type(attn.to_q) is nn.Linear and not torch.is_grad_enabled()
+        if query_has_slack:
             query = linear_with_slack(attn.to_q, hidden_states, coefficients.shape[-1])
         else:
             query = attn.to_q(hidden_states)
@@ -179,7 +180,9 @@ class SparseDictionaryAttnProcessor:
         if self.planner.reference:
             attended, mixed = reference_attention(query, key, value, coefficients, attention_mask, attn.scale)
         else:
-            attended, mixed = fused_attention(query, key, value, coefficients, attention_mask, attn.scale)
+            attended, mixed = fused_attention(
+                query, key, value, coefficients, attention_mask, attn.scale, query_has_slack
+            )
 
         attended = attended.reshape(batch, tokens, -1).to(query.dtype)
         output = add_dictionary_update(attn.to_out[1](attn.to_out[0](attended)), mixed, groups)
@@ -251,14 +254,16 @@ def fused_attention(
     coefficients: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scale: float,
+    query_has_slack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A·V and A·S from one SDPA call: S rides along V as extra value channels.
 
     Inputs and outputs are laid out (B, N, H, ·). Fused SDPA kernels want the value width to
     equal the query width, so k is padded with zero columns and the softmax scale is given
-    explicitly. Zeros in k make q's extra columns irrelevant to q·kᵀ, so where q's storage
-    has room past its end (``linear_with_slack``) each head's query is read as an overlapping
-    view that runs into the next head's values, and q is never copied.
+    explicitly. Zeros in k make q's extra columns irrelevant to q·kᵀ, so when q comes from
+    ``linear_with_slack`` (``query_has_slack``: zeroed spare elements past its end) each head's
+    query is read as an overlapping view that runs into the next head's values, and q is never
+    copied.
     """
     head_dim = value.shape[-1]
     extra = coefficients.shape[-1]
@@ -266,7 +271,7 @@ def fused_attention(
     padded_key = key.new_empty(*key.shape[:-1], width)
     padded_key[..., head_dim:] = 0
     padded_key[..., :head_dim] = key
-    if _has_slack(query, extra):
+    if query_has_slack:
         batch, tokens, heads, _ = query.shape
         wide_query = query.as_strided(
             (batch, tokens, heads, width), (tokens * heads * head_dim, heads * head_dim, head_dim, 1)
@@ -282,11 +287,6 @@ def fused_attention(
         scale=scale,
     ).transpose(1, 2)
     return out[..., :head_dim], out[..., head_dim:]
-
-
-def _has_slack(query: torch.Tensor, extra: int) -> bool:
-    end = query.storage_offset() + query.numel() + extra
-    return query.is_contiguous() and query.untyped_storage().nbytes() >= end * query.element_size()
 
 
 def reference_attention(
