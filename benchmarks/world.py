@@ -46,6 +46,14 @@ JUDGE_SHAPES: tuple[str, ...] = (*SHAPES, CONCEPT)
 # Each colour jitters a little per image so the world is not a set of exact swatches.
 COLOUR_JITTER = 12
 MIN_RADIUS, MAX_RADIUS = 7.0, 12.0
+# The concept's stripes repeat every 2 × 5 frame units, 20 px at the demo model's 64 px: 2.5 pixels
+# of its 8x8 latent. Narrower stripes repeat faster than the latent grid can represent, and no
+# transformer, base or adapted, could draw them.
+STRIPE_WIDTH = 5.0
+# Shapes tilt by at most this much either way. Over a full turn each shape's images form several
+# modes (a square and a diamond, a triangle pointing up or down) that a model trained for under an
+# hour on two cores averages into round blobs; a bounded tilt keeps one mode per shape.
+MAX_TILT = math.radians(20.0)
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ def sample_scene(rng: np.random.Generator, shape: str, colour: str, background: 
         x=float(rng.uniform(low, high)),
         y=float(rng.uniform(low, high)),
         radius=radius,
-        angle=float(rng.uniform(0.0, 2.0 * math.pi)),
+        angle=float(rng.uniform(-MAX_TILT, MAX_TILT)),
         colour_offset=(int(offset[0]), int(offset[1]), int(offset[2])),
     )
 
@@ -181,25 +189,23 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         return image.resize((size, size), Image.Resampling.BOX)
-    # The concept keeps its point roughly downwards (at most 45 degrees off) so it stays heart-like.
-    angle = scene.angle if scene.shape != CONCEPT else (scene.angle / math.pi - 1.0) * math.pi / 4
-    cos, sin = math.cos(angle), math.sin(angle)
+    cos, sin = math.cos(scene.angle), math.sin(scene.angle)
     outline = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _OUTLINES[scene.shape]]
     draw.polygon(outline, fill=fill)
     if scene.shape == CONCEPT:
-        _stripe(image, outline, fill, angle, scale)
+        _stripe(image, outline, fill, scene.angle, scale)
     return image.resize((size, size), Image.Resampling.BOX)
 
 
 def _stripe(
     image: Image.Image, outline: list[tuple[float, float]], fill: tuple[int, int, int], angle: float, scale: float
 ) -> None:
-    """Paint darker stripes, 3 frame units wide and tilted with the shape, inside the outline."""
+    """Paint darker stripes, `STRIPE_WIDTH` frame units wide and tilted with the shape, inside the outline."""
     mask = Image.new("L", image.size, 0)
     ImageDraw.Draw(mask).polygon(outline, fill=255)
     size = image.size[0]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    phase = (xs * math.sin(angle) + ys * math.cos(angle)) / (3.0 * scale)
+    phase = (xs * math.sin(angle) + ys * math.cos(angle)) / (STRIPE_WIDTH * scale)
     stripes = (np.floor(phase) % 2 == 0) & (np.asarray(mask) > 0)
     pixels = np.asarray(image).copy()
     pixels[stripes] = (np.asarray(fill, dtype=np.float32) * 0.5).astype(np.uint8)

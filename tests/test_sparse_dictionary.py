@@ -100,8 +100,8 @@ def test_fused_attention_is_exact_with_and_without_query_slack() -> None:
         expected = reference_attention(plain_query, key, value, coefficients, attention_mask, head_dim**-0.5)
         for query, has_slack in ((slack_query, True), (plain_query, False)):
             got = fused_attention(query, key, value, coefficients, attention_mask, head_dim**-0.5, has_slack)
-            for part, want in zip(got, expected, strict=True):
-                assert relative_error(part, want) < 1e-6
+            assert got.shape == (batch, tokens, heads, head_dim + extra)
+            assert relative_error(got, expected) < 1e-6
     assert torch.equal(slack_query, plain_query)
     storage = slack_query.untyped_storage()
     slack = torch.empty(0, dtype=slack_query.dtype).set_(storage)[slack_query.numel() :]
@@ -168,7 +168,10 @@ def test_top_atoms_keeps_the_most_important(transformer: PixArtTransformer2DMode
         assert torch.equal(atoms_used, expected)
 
 
-def test_mixed_batch_equals_each_sample_alone() -> None:
+@pytest.mark.parametrize("with_wider_adapter", [True, False], ids=["two-widths", "one-width"])
+def test_mixed_batch_equals_each_sample_alone(with_wider_adapter: bool) -> None:
+    """With one adapter width the batch takes the fused output projection, row group by row
+    group (the adapter-less row included); with two it takes the two-product path."""
     transformer = tiny_transformer()
     host = AdapterHost(transformer)
     host.add("x", trained_like(transformer, seed=7, density=0.25))
@@ -182,8 +185,9 @@ def test_mixed_batch_equals_each_sample_alone() -> None:
         SampleRoute("x", density=0.5),
         SampleRoute("y", density=0.125),
         SampleRoute("x", atom_mask={0: half}, top_atoms=10),
-        SampleRoute("wide"),
     ]
+    if with_wider_adapter:
+        routes.append(SampleRoute("wide"))
     batch = inputs(len(routes))
     with host.route(routes):
         mixed = forward(transformer, batch)
@@ -192,6 +196,35 @@ def test_mixed_batch_equals_each_sample_alone() -> None:
         with host.route([route]):
             alone = forward(transformer, alone_inputs)
         assert relative_error(mixed[row : row + 1], alone) < 1e-5, f"row {row} ({route})"
+
+
+def test_fused_output_projection_equals_two_products_and_follows_changes_to_d(
+    transformer: PixArtTransformer2DModel,
+) -> None:
+    fused_host = AdapterHost(transformer)
+    adapter = trained_like(transformer, seed=12)
+    fused_host.add("x", adapter)
+    batch = inputs(2)
+
+    def run(host: AdapterHost) -> torch.Tensor:
+        with host.route([SampleRoute("x")]):
+            return forward(transformer, batch)
+
+    before = run(fused_host)
+    # Private state, read only to show the fused matrices were built and so were what ran.
+    assert len(fused_host._output_weights) == len(adapter.blocks)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.dictionary.mul_(-1.5)  # in place, as an optimiser step changes D
+    after = run(fused_host)
+    fused_host.detach()
+    plain_host = AdapterHost(transformer, fuse_output=False)
+    plain_host.add("x", adapter)
+    expected = run(plain_host)
+    assert relative_error(after, expected) < 1e-5
+    assert relative_error(after, before) > 1e-2
+    assert not plain_host._output_weights
+    plain_host.remove("x")
 
 
 def test_routes_tile_over_a_guidance_doubled_batch(transformer: PixArtTransformer2DModel) -> None:

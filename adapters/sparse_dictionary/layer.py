@@ -123,6 +123,38 @@ class GroupPlan:
     """Atoms kept per token for each row, or ``None`` where no row applies top-k."""
     keep: torch.Tensor | None
     """Per-row atom keep mask, shape (rows, M), or ``None`` where no row masks atoms."""
+    output_weight: FusedOutputWeight | None = None
+    """The output projection and D as one matrix (see ``fused_output_weight``), or ``None``: then
+    A·V goes through ``to_out`` and (A·S)·D is added after."""
+
+
+@dataclass(frozen=True)
+class FusedOutputWeight:
+    weight: torch.Tensor
+    dictionary_state: tuple[int, int]
+    """``dictionary_state(D)`` when ``weight`` was built; a D changed since must not use it."""
+
+    def is_current(self, dictionary: torch.Tensor) -> bool:
+        return dictionary_state(dictionary) == self.dictionary_state
+
+
+def dictionary_state(dictionary: torch.Tensor) -> tuple[int, int]:
+    """Changes whenever D's values may have: an in-place update bumps the version counter, and
+    a move or cast gives it new storage."""
+    return dictionary.data_ptr(), dictionary._version
+
+
+def fused_output_weight(out_proj: nn.Linear, dictionary: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[W_outᵀ; D]`` with rows interleaved per head, (H·(d + M/H), C_out).
+
+    The fused attention output holds, per head, its d channels of A·V then its M/H channels of
+    A·S; with rows in that order, one product with this matrix gives to_out(A·V) + (A·S)·D
+    and the two halves never need to be split out and copied.
+    """
+    out_features, in_features = out_proj.weight.shape
+    base = out_proj.weight.detach().t().reshape(num_heads, in_features // num_heads, out_features)
+    atoms = dictionary.detach().to(base.dtype).reshape(num_heads, -1, out_features)
+    return torch.cat([base, atoms], dim=1).reshape(-1, out_features)
 
 
 class SparseDictionaryAttnProcessor:
@@ -178,14 +210,20 @@ class SparseDictionaryAttnProcessor:
         coefficients = coefficients.to(value.dtype)
 
         if self.planner.reference:
-            attended, mixed = reference_attention(query, key, value, coefficients, attention_mask, attn.scale)
+            both = reference_attention(query, key, value, coefficients, attention_mask, attn.scale)
         else:
-            attended, mixed = fused_attention(
-                query, key, value, coefficients, attention_mask, attn.scale, query_has_slack
-            )
+            both = fused_attention(query, key, value, coefficients, attention_mask, attn.scale, query_has_slack)
 
-        attended = attended.reshape(batch, tokens, -1).to(query.dtype)
-        output = add_dictionary_update(attn.to_out[1](attn.to_out[0](attended)), mixed, groups)
+        # The fused weights are built without autograd, so training (which needs D's gradient)
+        # takes the two-product path.
+        if not torch.is_grad_enabled() and all(
+            g.output_weight is not None and g.output_weight.is_current(g.layer.dictionary) for g in groups
+        ):
+            output = attn.to_out[1](project_fused(both, groups, attn.to_out[0].bias))
+        else:
+            head_dim = value.shape[-1]
+            attended = both[..., :head_dim].reshape(batch, tokens, -1).to(query.dtype)
+            output = add_dictionary_update(attn.to_out[1](attn.to_out[0](attended)), both[..., head_dim:], groups)
         if attn.residual_connection:
             output = output + hidden_states
         return output / attn.rescale_output_factor
@@ -255,15 +293,15 @@ def fused_attention(
     attention_mask: torch.Tensor | None,
     scale: float,
     query_has_slack: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """A·V and A·S from one SDPA call: S rides along V as extra value channels.
 
-    Inputs and outputs are laid out (B, N, H, ·). Fused SDPA kernels want the value width to
-    equal the query width, so k is padded with zero columns and the softmax scale is given
-    explicitly. Zeros in k make q's extra columns irrelevant to q·kᵀ, so when q comes from
-    ``linear_with_slack`` (``query_has_slack``: zeroed spare elements past its end) each head's
-    query is read as an overlapping view that runs into the next head's values, and q is never
-    copied.
+    Inputs are laid out (B, N, H, ·); the output is (B, N, H, d + M/H), per head A·V then A·S.
+    Fused SDPA kernels want the value width to equal the query width, so k is padded with zero
+    columns and the softmax scale is given explicitly. Zeros in k make q's extra columns
+    irrelevant to q·kᵀ, so when q comes from ``linear_with_slack`` (``query_has_slack``: zeroed
+    spare elements past its end) each head's query is read as an overlapping view that runs
+    into the next head's values, and q is never copied.
     """
     head_dim = value.shape[-1]
     extra = coefficients.shape[-1]
@@ -279,14 +317,13 @@ def fused_attention(
     else:
         wide_query = F.pad(query, (0, extra))
     stacked = torch.cat([value, coefficients], dim=-1)
-    out = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         wide_query.transpose(1, 2),
         padded_key.transpose(1, 2),
         stacked.transpose(1, 2),
         attn_mask=attention_mask,
         scale=scale,
     ).transpose(1, 2)
-    return out[..., :head_dim], out[..., head_dim:]
 
 
 def reference_attention(
@@ -296,14 +333,39 @@ def reference_attention(
     coefficients: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """The slow path with the attention map written out; the fused path is tested against it."""
     query, key, value, coefficients = (t.transpose(1, 2) for t in (query, key, value, coefficients))
     scores = (query @ key.transpose(-1, -2)) * scale
     if attention_mask is not None:
         scores = scores + attention_mask
     attention_map = scores.softmax(dim=-1)
-    return (attention_map @ value).transpose(1, 2), (attention_map @ coefficients).transpose(1, 2)
+    return torch.cat([attention_map @ value, attention_map @ coefficients], dim=-1).transpose(1, 2)
+
+
+def project_fused(both: torch.Tensor, groups: list[GroupPlan], bias: torch.Tensor | None) -> torch.Tensor:
+    """to_out(A·V) + (A·S)·D from the (B, N, H, d + M/H) attention output, one product per group."""
+    batch, tokens = both.shape[:2]
+    flat = both.reshape(batch, tokens, -1)
+    if len(groups) == 1 and groups[0].rows is None:
+        return _project(flat, groups[0].output_weight.weight, bias)  # type: ignore[union-attr]
+    output = flat.new_empty(batch, tokens, groups[0].output_weight.weight.shape[1])  # type: ignore[union-attr]
+    served = torch.zeros(batch, dtype=torch.bool, device=flat.device)
+    for group in groups:
+        rows = slice(None) if group.rows is None else group.rows
+        output[rows] = _project(flat[rows], group.output_weight.weight, bias)  # type: ignore[union-attr]
+        served[rows] = True
+    # Rows no adapter serves have all-zero A·S channels, so any group's matrix projects them exactly.
+    unserved = (~served).nonzero().squeeze(1)
+    if unserved.numel():
+        output[unserved] = _project(flat[unserved], groups[0].output_weight.weight, bias)  # type: ignore[union-attr]
+    return output
+
+
+def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    flat = rows.reshape(-1, weight.shape[0])
+    projected = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+    return projected.view(*rows.shape[:-1], weight.shape[1])
 
 
 def add_dictionary_update(output: torch.Tensor, mixed: torch.Tensor, groups: list[GroupPlan]) -> torch.Tensor:

