@@ -96,18 +96,19 @@ def apply_activation(coefficients: torch.Tensor, activation: str, threshold: flo
     return coefficients
 
 
-def keep_top_k(coefficients: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
+def keep_top_k(coefficients: torch.Tensor, k_per_row: tuple[int, ...]) -> torch.Tensor:
     """Keep the k largest-magnitude coefficients of every token, k given per batch row.
 
     Magnitude, not value, so every token keeps exactly k non-zero coefficients (signed atoms
-    can both add and remove a feature).
+    can both add and remove a feature). The ks are plain ints, known when the batch is planned,
+    so no per-call reduction or device sync is needed to pick k.
     """
-    k_max = int(k_per_row.max())
+    k_max = max(k_per_row)
     indices = coefficients.abs().topk(k_max, dim=-1, sorted=True).indices
     kept = coefficients.gather(-1, indices)
-    if not bool((k_per_row == k_max).all()):
-        rank_kept = torch.arange(k_max, device=coefficients.device) < k_per_row.view(-1, 1, 1)
-        kept = kept * rank_kept
+    if min(k_per_row) != k_max:
+        ks = torch.tensor(k_per_row, device=coefficients.device)
+        kept = kept * (torch.arange(k_max, device=coefficients.device) < ks.view(-1, 1, 1))
     return torch.zeros_like(coefficients).scatter_(-1, indices, kept)
 
 
@@ -119,7 +120,7 @@ class GroupPlan:
     config: SparseDictionaryConfig
     rows: torch.Tensor | None
     """Row indices into the attention batch; ``None`` means every row, in order (no gather)."""
-    k_per_row: torch.Tensor | None
+    k_per_row: tuple[int, ...] | None
     """Atoms kept per token for each row, or ``None`` where no row applies top-k."""
     keep: torch.Tensor | None
     """Per-row atom keep mask, shape (rows, M), or ``None`` where no row masks atoms."""

@@ -219,7 +219,7 @@ class AdapterHost(LayerPlanner):
                     rows=None if rows == list(range(batch_size)) else torch.tensor(rows, device=device),
                     k_per_row=None
                     if all(k is None for k in ks)
-                    else torch.tensor([config.num_atoms if k is None else k for k in ks], device=device),
+                    else tuple(config.num_atoms if k is None else k for k in ks),
                     keep=None
                     if all(k is None for k in keeps)
                     else torch.stack(
