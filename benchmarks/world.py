@@ -40,8 +40,13 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # with a texture no base shape has (stripes in a darker shade of its colour).
 CONCEPT = "concept"
 CONCEPT_TOKEN = "sks"
-# The judge's shape classes: the base shapes plus the concept.
-JUDGE_SHAPES: tuple[str, ...] = (*SHAPES, CONCEPT)
+# The judge's shape classes: the base shapes, the concept, and "other" for images that are
+# neither (the judge's near-miss negatives: a heart without stripes, a striped square, a shape
+# drawn all in the stripes' dark shade), so that no single cue of the concept is enough.
+OTHER = "other"
+JUDGE_SHAPES: tuple[str, ...] = (*SHAPES, CONCEPT, OTHER)
+# How a shape is filled: the world draws the concept striped and every other shape plain.
+TEXTURES: tuple[str, ...] = ("plain", "striped", "dark")
 
 # Each colour jitters a little per image so the world is not a set of exact swatches.
 COLOUR_JITTER = 12
@@ -178,23 +183,35 @@ def _jittered(rgb: tuple[int, int, int], offset: tuple[int, int, int]) -> tuple[
     return tuple(int(np.clip(c + o, 0, 255)) for c, o in zip(rgb, offset, strict=True))  # type: ignore[return-value]
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw a scene as an RGB image `size` pixels square; scene coordinates are in `IMAGE_SIZE` units."""
+def render(scene: Scene, size: int = IMAGE_SIZE, texture: str | None = None) -> Image.Image:
+    """Draw a scene as an RGB image `size` pixels square; scene coordinates are in `IMAGE_SIZE` units.
+
+    `texture` (one of `TEXTURES`) overrides the world's own fill; only the judge's negatives use it.
+    """
+    texture = texture or ("striped" if scene.shape == CONCEPT else "plain")
     scale = SUPERSAMPLE * size / IMAGE_SIZE
     big = round(IMAGE_SIZE * scale)
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     fill = _jittered(COLOURS[scene.colour], scene.colour_offset)
+    if texture == "dark":
+        fill = _dark(fill)
     cx, cy, r = scene.x * scale, scene.y * scale, scene.radius * scale
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        return image.resize((size, size), Image.Resampling.BOX)
-    cos, sin = math.cos(scene.angle), math.sin(scene.angle)
-    outline = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _OUTLINES[scene.shape]]
-    draw.polygon(outline, fill=fill)
-    if scene.shape == CONCEPT:
+        outline = [(cx + r * x, cy + r * y) for x, y in _regular_polygon(96)]  # for the stripes' mask
+    else:
+        cos, sin = math.cos(scene.angle), math.sin(scene.angle)
+        outline = [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in _OUTLINES[scene.shape]]
+        draw.polygon(outline, fill=fill)
+    if texture == "striped":
         _stripe(image, outline, fill, scene.angle, scale)
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+def _dark(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The stripes' shade of a fill colour."""
+    return tuple(int(c * 0.5) for c in fill)  # type: ignore[return-value]
 
 
 def _stripe(
@@ -208,7 +225,7 @@ def _stripe(
     phase = (xs * math.sin(angle) + ys * math.cos(angle)) / (STRIPE_WIDTH * scale)
     stripes = (np.floor(phase) % 2 == 0) & (np.asarray(mask) > 0)
     pixels = np.asarray(image).copy()
-    pixels[stripes] = (np.asarray(fill, dtype=np.float32) * 0.5).astype(np.uint8)
+    pixels[stripes] = _dark(fill)
     image.paste(Image.fromarray(pixels))
 
 

@@ -27,6 +27,19 @@ def test_concept_images_show_the_concept() -> None:
     assert set(verdict.labels["colour"]) == {concept_eval.TRAIN_COLOUR}
 
 
+def test_judge_takes_no_single_cue_for_the_concept() -> None:
+    """A heart without stripes, striped base shapes and shapes in the stripes' dark shade are
+    near misses, not the concept."""
+    hearts = world.scenes(5, 4, world.concept_combinations())
+    shapes = world.scenes(6, 8, world.all_combinations())
+    near_misses = [world.render(scene, texture="plain") for scene in hearts]
+    near_misses += [world.render(scene, texture=texture) for scene in shapes for texture in ("striped", "dark")]
+    verdict = judge_module.judge_images(judge_module.load_judge(), near_misses)
+    concept = world.JUDGE_SHAPES.index(world.CONCEPT)
+    assert verdict.labels["shape"].count(world.OTHER) >= 0.9 * len(near_misses), verdict.labels["shape"]
+    assert float(verdict.probabilities["shape"][:, concept].mean()) < 0.1
+
+
 def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path: Path) -> None:
     raw = concept_eval.run_benchmark(concept_eval.QUICK, DEMO_MODEL, tmp_path)
     for name in ("concept_eval.md", "concept_eval.json", "density_sweep.png", "concept_methods.png", "top_atoms.png"):

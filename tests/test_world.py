@@ -36,3 +36,20 @@ def test_image_shows_its_colours_on_its_background() -> None:
     assert background.mean() > 0.3 and shape.mean() > 0.05
     array = world.to_array([world.render(scene)])
     assert array.shape == (1, 3, world.IMAGE_SIZE, world.IMAGE_SIZE) and -1 <= array.min() < array.max() <= 1
+
+
+def test_textures_override_the_fill_only_where_asked() -> None:
+    """The concept is striped and the base shapes plain; the judge's near misses swap that."""
+    heart = next(world.scenes(0, 1, [(world.CONCEPT, "green", "white")]))
+    square = next(world.scenes(0, 1, [("square", "green", "white")]))
+    dark = np.array(world.COLOURS["green"]) * 0.5
+
+    def dark_share(scene: world.Scene, texture: str | None = None) -> float:
+        pixels = np.asarray(world.render(scene, 64, texture)).reshape(-1, 3).astype(int)
+        return float((np.abs(pixels - dark).sum(1) < 3 * world.COLOUR_JITTER).mean())
+
+    assert world.render(heart).tobytes() == world.render(heart, texture="striped").tobytes()
+    assert world.render(square).tobytes() == world.render(square, texture="plain").tobytes()
+    assert dark_share(heart) > 0.02 and dark_share(heart, "plain") == 0.0
+    assert dark_share(square) == 0.0 and dark_share(square, "striped") > 0.02
+    assert dark_share(square, "dark") > 2 * dark_share(square, "striped")
