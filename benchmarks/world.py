@@ -189,6 +189,8 @@ def render(scene: Scene, size: int = IMAGE_SIZE, texture: str | None = None) -> 
     `texture` (one of `TEXTURES`) overrides the world's own fill; only the judge's negatives use it.
     """
     texture = texture or ("striped" if scene.shape == CONCEPT else "plain")
+    if texture not in TEXTURES:
+        raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
     scale = SUPERSAMPLE * size / IMAGE_SIZE
     big = round(IMAGE_SIZE * scale)
     image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])

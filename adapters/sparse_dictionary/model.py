@@ -111,7 +111,7 @@ class AdapterHost(LayerPlanner):
             del self._output_weights[key]
 
     def _output_weight(self, name: str, block: int) -> FusedOutputWeight:
-        dictionary = self._adapters[name].layers[str(block)].dictionary
+        dictionary = self._adapters[name].layer(block).dictionary  # type: ignore[union-attr]
         cached = self._output_weights.get((name, block))
         if cached is None or not cached.is_current(dictionary):
             out_proj = self.transformer.transformer_blocks[block].attn1.to_out[0]
