@@ -45,8 +45,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The demo model draws at 64 px: the 8x VAE of `adapters.tiny` then gives an 8x8 latent, 16 tokens.
 RESOLUTION = 64
 # Transformer shape: 4 heads (the adapters' 256 atoms split evenly across them) of width 32, 4 blocks.
-# Under a fixed budget of two cores for half an hour, 4 blocks trained twice the steps beat 8 blocks
-# (held-out shapes 34 % against 26 % after 7 minutes each); wider models are slower still.
+# On two cores for equal time, 4 blocks train twice the steps of 8 and learned shapes faster (held-out
+# shapes 34 % against 26 % after 7 minutes each; benchmarks/RESULTS.md); wider models are slower still.
 NUM_LAYERS = 4
 NUM_HEADS = 4
 HEAD_DIM = 32
@@ -79,6 +79,10 @@ class TrainingSettings:
     warmdown_steps: int = 9600
     ema_decay: float = 0.999
     checkpoint_every: int = 4000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.warmdown_steps <= self.steps:
+            raise ValueError(f"warmdown_steps must be in 1..steps ({self.steps}), got {self.warmdown_steps}")
 
 
 def generation_kwargs(steps: int = INFERENCE_STEPS) -> dict[str, object]:
