@@ -1,6 +1,6 @@
 """The sparse dictionary adapter engine: knows PyTorch and diffusers, nothing of HTTP or Celery."""
 
-from adapters.persistence import AdapterFormatError, load_adapter, save_adapter
+from adapters.persistence import AdapterFormatError, load_adapter, load_adapter_for_base, save_adapter
 from adapters.sparse_dictionary import (
     AdapterConfigError,
     AdapterHost,
@@ -36,6 +36,7 @@ __all__ = [
     "base_fingerprint",
     "build_tiny_pipeline",
     "load_adapter",
+    "load_adapter_for_base",
     "save_adapter",
     "save_tiny_pipeline",
     "train_adapter",

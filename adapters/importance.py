@@ -44,8 +44,7 @@ def compute_atom_importance(
     timesteps = torch.linspace(0, scheduler.config.num_train_timesteps - 1, probes).round().long()
     device = latents.device
     dtype = next(transformer.parameters()).dtype
-    previous, host.observer = host.observer, observe
-    try:
+    with host.add_observer(observe):
         for timestep in timesteps:
             batch = latents.shape[0]
             noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -57,8 +56,6 @@ def compute_atom_importance(
                 timestep=timestep.repeat(batch).to(device),
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None},
             )
-    finally:
-        host.observer = previous
 
     importance = {}
     for block in adapter.blocks:

@@ -35,6 +35,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterFormatError",
     "load_adapter",
+    "load_adapter_for_base",
     "save_adapter",
 ]
 
@@ -307,4 +308,32 @@ def load_adapter(
     adapter.to(device)
     if found_importance:
         adapter.importance = {block: tensors[_tensor_name(block, "importance")].to(device) for block in adapter.blocks}
+    return adapter
+
+
+def load_adapter_for_base(
+    folder: str | Path,
+    *,
+    fingerprint: str,
+    num_blocks: int,
+    num_heads: int,
+    in_features: int,
+    out_features: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> SparseDictionaryAdapter:
+    """``load_adapter`` for a base known by its fingerprint and dimensions rather than a transformer
+    at hand (a service checking an upload against the base its workers serve).
+
+    The fingerprint is only what the file claims, so the tensors must fit the dimensions as well.
+    Every problem raises ``AdapterFormatError``.
+    """
+    adapter = load_adapter(folder, expected_fingerprint=fingerprint, max_bytes=max_bytes)
+    for field, expected in (("num_blocks", num_blocks), ("in_features", in_features), ("out_features", out_features)):
+        found = getattr(adapter, field)
+        if found != expected:
+            raise AdapterFormatError(f"the adapter has {field}={found}, but the served base model has {expected}")
+    try:
+        adapter.config.validate(num_blocks=num_blocks, num_heads=num_heads)
+    except AdapterConfigError as error:
+        raise AdapterFormatError(str(error)) from error
     return adapter

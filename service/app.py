@@ -10,11 +10,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.api import adapters, generations, health, jobs
+from service.body_limit import BodyLimitMiddleware
 from service.context import Services
+from service.core.contract import MessageError
+from service.core.settings import Settings, get_settings
 from service.errors import error_body, install_error_handlers
-from service.limits import BodyLimitMiddleware
 from service.metrics import install_metrics
-from service.settings import Settings, get_settings
 
 DESCRIPTION = """Fine-tune sparse dictionary adapters on a shared frozen PixArt-Σ and generate with them.
 
@@ -47,6 +48,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for error in (RedisConnectionError, RedisTimeoutError, OperationalError):
         app.add_exception_handler(error, unavailable)
+
+    async def unreadable(_: Request, exc: Exception) -> JSONResponse:
+        # A job record written by a worker of another atomtune version: an operator's problem to fix.
+        assert isinstance(exc, MessageError)
+        return JSONResponse(error_body(exc.code, exc.message), 500)
+
+    app.add_exception_handler(MessageError, unreadable)
 
     for module in (health, adapters, generations, jobs):
         app.include_router(module.router)

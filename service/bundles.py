@@ -1,7 +1,8 @@
 """Adapter folders as zip files: what download sends and what import accepts.
 
 An import is unpacked only after its listing passes: the engine's two files at the top level, no
-other entries, sizes within the limit, so no path or size comes from the upload unchecked.
+other entries, sizes within the limit, so no path or size comes from the upload unchecked. Then
+the engine loads it and checks it against the base the workers serve, as a worker published it.
 """
 
 import io
@@ -10,6 +11,12 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from service.context import Services
+from service.core.catalog import AdapterRecord
+from service.core.ids import new_id
+from service.core.storage import ADAPTER_SUBDIR, write_atoms
+from service.core.tenants import Tenant
+from service.core.worker_registry import base_shape
 from service.errors import ApiError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -66,3 +73,43 @@ def unpack_adapter_zip(data: bytes, dest: Path, max_bytes: int) -> None:
             if content is None or len(content) != info.file_size:
                 raise bad(f"'{info.filename}' in the zip is corrupt; send the zip that /download returns")
             (dest / info.filename).write_bytes(content)
+
+
+def import_adapter_zip(services: Services, tenant: Tenant, data: bytes, prompt: str) -> AdapterRecord:
+    """Unpacks, checks and stores an uploaded adapter zip as a ready adapter of the tenant."""
+    # The engine (and torch) load only here, so a gateway that never imports stays light.
+    from adapters import AdapterFormatError, load_adapter_for_base
+
+    adapter_id = new_id()
+    limit = services.settings.max_adapter_bytes
+    with services.storage.replacing(services.storage.adapter_dir(tenant.id, adapter_id)) as tmp:
+        folder = tmp / ADAPTER_SUBDIR
+        folder.mkdir()
+        unpack_adapter_zip(data, folder, limit)
+        base = base_shape(services.db)
+        if base is None:
+            raise ApiError(
+                503,
+                "no_base_model",
+                "no worker has loaded the base model yet, so the adapter cannot be checked against it; "
+                "start a worker (atomtune worker) or wait for it to load, and retry",
+            )
+        try:
+            adapter = load_adapter_for_base(
+                folder,
+                fingerprint=base.fingerprint,
+                num_blocks=base.num_blocks,
+                num_heads=base.num_heads,
+                in_features=base.in_features,
+                out_features=base.out_features,
+                max_bytes=limit,
+            )
+        except AdapterFormatError as exc:
+            raise ApiError(422, "invalid_adapter", str(exc)) from None
+        write_atoms(tmp, adapter.importance_scores())
+    config = adapter.config.to_dict()
+    services.catalog.create(adapter_id, tenant.id, prompt, "imported", config)
+    services.catalog.mark_ready(adapter_id, config, adapter.blocks, metrics={})
+    record = services.catalog.get(adapter_id)
+    assert record is not None
+    return record

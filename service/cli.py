@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 import redis
 
-from service.queue import QUEUES
-from service.redis_db import connect
-from service.settings import get_settings
-from service.tenants import TenantStore
+from service.core.queue import QUEUES
+from service.core.redis_db import connect
+from service.core.settings import get_settings
+from service.core.tenants import TenantStore
 
 
 def _serve(args: argparse.Namespace) -> int:

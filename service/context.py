@@ -6,14 +6,14 @@ import redis
 import redis.asyncio as aioredis
 from celery import Celery
 
-from service.catalog import AdapterCatalog
-from service.jobs import JobStore, JobWatcher
-from service.queue import make_celery
-from service.redis_db import connect, connect_async, connect_streams
-from service.settings import Settings
-from service.storage import Storage
+from service.core.catalog import AdapterCatalog
+from service.core.jobs import JobStore, JobWatcher
+from service.core.queue import make_celery
+from service.core.redis_db import connect, connect_async, connect_streams
+from service.core.settings import Settings
+from service.core.storage import Storage
+from service.core.tenants import TenantStore
 from service.stream_slots import StreamSlots
-from service.tenants import TenantStore
 
 
 @dataclass

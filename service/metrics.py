@@ -31,7 +31,8 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import workers_registry
+from service.core import worker_registry
+from service.core.queue import QUEUES
 
 if TYPE_CHECKING:
     from service.context import Services
@@ -138,9 +139,6 @@ class RedisCollector(Collector):
             "atomtune_queue_depth", "Messages waiting in a job queue (not yet taken by a worker).", labels=["queue"]
         )
         workers = GaugeMetricFamily("atomtune_workers_alive", "Workers whose heartbeat is recent.")
-        # Imported here because service.queue imports this module to count submissions.
-        from service.queue import QUEUES
-
         services = self.services()
         if services is not None:
             try:
@@ -149,7 +147,7 @@ class RedisCollector(Collector):
                     for queue in QUEUES.values():
                         pipe.llen(queue)
                     sizes = pipe.execute()
-                alive = workers_registry.alive(services.db, services.settings.worker_heartbeat_seconds)
+                alive = worker_registry.alive(services.db, services.settings.worker_heartbeat_seconds)
             except RedisError:
                 # An unreachable Redis leaves the series absent rather than reporting a false zero.
                 pass

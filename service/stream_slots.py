@@ -14,8 +14,8 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from service.core.redis_db import tenant_streams_key
 from service.errors import ApiError
-from service.redis_db import tenant_streams_key
 
 log = logging.getLogger(__name__)
 SLOT_TTL_SECONDS = 60

@@ -19,9 +19,9 @@ from urllib.request import urlopen
 
 import redis
 
-from service.redis_db import connect
-from service.settings import Settings, get_settings
-from service.tenants import TenantStore
+from service.core.redis_db import connect
+from service.core.settings import Settings, get_settings
+from service.core.tenants import TenantStore
 
 DEMO_TENANT = "demo"
 STARTUP_TIMEOUT_SECONDS = 120.0

@@ -20,8 +20,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.settings import Settings
-from worker.metrics import REGISTRY as WORKER_REGISTRY
+from service.core.settings import Settings
+from worker.metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 APP_SERVICES = ("gateway", "worker", "worker-cpu")
@@ -52,7 +52,7 @@ def code_metrics() -> dict[str, str]:
     """Every atomtune metric the gateway and a worker expose: family name -> type."""
     # No lifespan runs outside a `with` block, so this scrape touches no Redis.
     gateway_text = TestClient(create_app(Settings())).get("/metrics").text
-    worker_text = generate_latest(WORKER_REGISTRY).decode()
+    worker_text = generate_latest(WorkerMetrics().registry).decode()
     families = [*text_string_to_metric_families(gateway_text), *text_string_to_metric_families(worker_text)]
     return {f.name: f.type for f in families if f.name.startswith("atomtune_")}
 

@@ -14,7 +14,7 @@ from adapters import (
     SparseDictionaryAdapter,
     SparseDictionaryConfig,
 )
-from adapters.sparse_dictionary.layer import fused_attention, linear_with_slack, reference_attention
+from adapters.sparse_dictionary.kernels import fused_attention, linear_with_slack, reference_attention
 from adapters.tiny import build_tiny_transformer
 
 ATOMS = 16
@@ -133,10 +133,10 @@ def test_every_atom_masked_gives_frozen_output(transformer: PixArtTransformer2DM
 
 def active_atoms_per_token(host: AdapterHost, transformer: PixArtTransformer2DModel, route: SampleRoute) -> dict:
     seen: dict[int, torch.Tensor] = {}
-    host.observer = lambda block, coefficients: seen.__setitem__(block, (coefficients != 0).sum(-1))
-    with host.route([route]):
+    count = host.add_observer(lambda block, coefficients: seen.__setitem__(block, (coefficients != 0).sum(-1)))
+    with count, host.route([route]):
         forward(transformer, inputs(2))
-    host.observer = None
+    assert host.observers == []
     return seen
 
 
@@ -159,9 +159,10 @@ def test_top_atoms_keeps_the_most_important(transformer: PixArtTransformer2DMode
     adapter = trained_like(transformer, seed=6, density=1.0)
     host.add("a", adapter)
     used: dict[int, torch.Tensor] = {}
-    host.observer = lambda block, c: used.__setitem__(block, (c != 0).any(dim=(0, 1)))
+    handle = host.add_observer(lambda block, c: used.__setitem__(block, (c != 0).any(dim=(0, 1))))
     with host.route([SampleRoute("a", top_atoms=3)]):
         forward(transformer, inputs(1))
+    handle.remove()
     for block, atoms_used in used.items():
         expected = torch.zeros(ATOMS, dtype=torch.bool)
         expected[adapter.importance[block].topk(3).indices] = True

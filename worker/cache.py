@@ -5,11 +5,9 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from adapters import AdapterHost, SparseDictionaryAdapter
-
-Tier = Literal["device", "host", "storage"]
+from service.core.contract import CacheTier
 
 
 @dataclass
@@ -21,7 +19,7 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class CacheHit:
-    tier: Tier
+    tier: CacheTier
     seconds: float
 
 
@@ -45,7 +43,7 @@ class AdapterCache:
         self.stats.misses["device"] += 1
         started = time.perf_counter()
         adapter = self._memory.pop(adapter_id, None)
-        tier: Tier
+        tier: CacheTier
         if adapter is not None:
             self._memory_used -= adapter.nbytes()
             tier = "host"
@@ -67,17 +65,24 @@ class AdapterCache:
         self.host.add(adapter_id, adapter)
         self._resident[adapter_id] = None
 
-    def resident(self) -> dict[Tier, int]:
+    def resident(self) -> dict[CacheTier, int]:
         """How many adapters each tier holds now."""
         return {"device": len(self._resident), "host": len(self._memory)}
 
-    def discard(self, adapter_id: str) -> None:
-        if adapter_id in self._resident:
+    def names(self) -> list[str]:
+        """The ids of every adapter the device and host tiers hold."""
+        return [*self._resident, *self._memory]
+
+    def discard(self, adapter_id: str) -> bool:
+        """Drops the adapter from the device and host tiers (it was deleted); False if neither held it."""
+        held = adapter_id in self._resident
+        if held:
             del self._resident[adapter_id]
             self.host.remove(adapter_id)
         adapter = self._memory.pop(adapter_id, None)
         if adapter is not None:
             self._memory_used -= adapter.nbytes()
+        return held or adapter is not None
 
     def _remember(self, adapter_id: str, adapter: SparseDictionaryAdapter) -> None:
         size = adapter.nbytes()

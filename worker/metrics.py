@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from billiard.process import current_process
@@ -31,83 +31,23 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.jobs import Job
-from service.settings import Settings
+from service.core.jobs import Job
+from service.core.settings import Settings
 from worker.cache import CacheHit
-
-if TYPE_CHECKING:
-    from worker.runtime import Runtime
+from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 # Prometheus stores each `_created` sample as one more series; nothing here reads them.
 disable_created_metrics()
-REGISTRY = CollectorRegistry()
-ProcessCollector(registry=REGISTRY)
-
 _JOB_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-JOB_DURATION = Histogram(
-    "atomtune_job_duration_seconds",
-    "Time a job ran on this worker, from its claim to its end, by kind and outcome.",
-    ["kind", "outcome"],
-    buckets=_JOB_BUCKETS,
-    registry=REGISTRY,
-)
-QUEUE_WAIT = Histogram(
-    "atomtune_job_queue_wait_seconds",
-    "Time from a job's submission to its (latest) start, by kind and outcome.",
-    ["kind", "outcome"],
-    buckets=_JOB_BUCKETS,
-    registry=REGISTRY,
-)
-STEP_DURATION = Histogram(
-    "atomtune_denoising_step_seconds",
-    "One denoising step of a generation: a forward pass of the transformer.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-    registry=REGISTRY,
-)
-BATCH_SIZE = Histogram(
-    "atomtune_batch_size",
-    "Rows in one denoising forward pass (images per request, doubled by classifier-free guidance).",
-    buckets=(1, 2, 4, 8, 16, 32, 64),
-    registry=REGISTRY,
-)
-CACHE_HITS = Counter(
-    "atomtune_adapter_cache_hits_total", "Adapter lookups a cache tier answered, by tier.", ["tier"], registry=REGISTRY
-)
-CACHE_MISSES = Counter(
-    "atomtune_adapter_cache_misses_total",
-    "Adapter lookups a cache tier could not answer, by tier.",
-    ["tier"],
-    registry=REGISTRY,
-)
-ADAPTER_LOAD = Histogram(
-    "atomtune_adapter_load_seconds",
-    "Time to make an adapter resident on the device, by the tier it came from (host or storage).",
-    ["tier"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-    registry=REGISTRY,
-)
-ATOMS_ACTIVE = Histogram(
-    "atomtune_atoms_active_per_token",
-    "Mean number of atoms with a non-zero coefficient per token, sampled once per adapted denoising step.",
-    buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-    registry=REGISTRY,
-)
-FINETUNE_LOSS = Gauge("atomtune_finetune_loss", "Training loss of the latest fine-tuning step.", registry=REGISTRY)
-FINETUNE_STEPS = Counter("atomtune_finetune_steps_total", "Fine-tuning steps completed.", registry=REGISTRY)
-FINETUNE_RATE = Gauge(
-    "atomtune_finetune_steps_per_second",
-    "Steps per second of the running (or latest) fine-tune, averaged since its first step.",
-    registry=REGISTRY,
-)
-WORKER_INFO = Info("atomtune_worker", "The worker's base model, device, dtype and atomtune version.", registry=REGISTRY)
+Progress = Callable[[int, int, float | None], None]
 
 
-class RuntimeCollector(Collector):
+class _RuntimeCollector(Collector):
     """Reads adapter residency and device memory at scrape time from the process's runtime."""
 
-    def __init__(self) -> None:
-        self.runtime: Runtime | None = None
+    def __init__(self, metrics: "WorkerMetrics") -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
         resident = GaugeMetricFamily(
@@ -120,7 +60,7 @@ class RuntimeCollector(Collector):
             "atomtune_device_memory_reserved_bytes",
             "Accelerator memory reserved by PyTorch's caching allocator (CUDA devices only).",
         )
-        runtime = self.runtime
+        runtime = self.metrics.runtime
         if runtime is not None:
             for tier, count in runtime.cache.resident().items():
                 resident.add_metric([tier], count)
@@ -132,115 +72,176 @@ class RuntimeCollector(Collector):
         yield reserved
 
 
-_runtime_collector = RuntimeCollector()
-REGISTRY.register(_runtime_collector)
+class WorkerMetrics:
+    """One pool process's metrics, in a registry of its own, and the hooks that feed them."""
 
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runtime: Runtime | None = None
+        # Set by the transformer's hooks: whether a generation runs, and when its forward began.
+        self._denoising = False
+        self._sample_atoms = False
+        self._step_started = 0.0
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_RuntimeCollector(self))
+        registry = self.registry
+        self.job_duration = Histogram(
+            "atomtune_job_duration_seconds",
+            "Time a job ran on this worker, from its claim to its end, by kind and outcome.",
+            ["kind", "outcome"],
+            buckets=_JOB_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "atomtune_job_queue_wait_seconds",
+            "Time from a job's submission to its (latest) start, by kind and outcome.",
+            ["kind", "outcome"],
+            buckets=_JOB_BUCKETS,
+            registry=registry,
+        )
+        self.step_duration = Histogram(
+            "atomtune_denoising_step_seconds",
+            "One denoising step of a generation: a forward pass of the transformer.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "atomtune_batch_size",
+            "Rows in one denoising forward pass (images per request, doubled by classifier-free guidance).",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "atomtune_adapter_cache_hits_total",
+            "Adapter lookups a cache tier answered, by tier.",
+            ["tier"],
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            "atomtune_adapter_cache_misses_total",
+            "Adapter lookups a cache tier could not answer, by tier.",
+            ["tier"],
+            registry=registry,
+        )
+        self.adapter_load = Histogram(
+            "atomtune_adapter_load_seconds",
+            "Time to make an adapter resident on the device, by the tier it came from (host or storage).",
+            ["tier"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
+        self.atoms_active = Histogram(
+            "atomtune_atoms_active_per_token",
+            "Mean number of atoms with a non-zero coefficient per token, sampled once per adapted denoising step.",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        )
+        self.finetune_loss = Gauge(
+            "atomtune_finetune_loss", "Training loss of the latest fine-tuning step.", registry=registry
+        )
+        self.finetune_steps = Counter(
+            "atomtune_finetune_steps_total", "Fine-tuning steps completed.", registry=registry
+        )
+        self.finetune_rate = Gauge(
+            "atomtune_finetune_steps_per_second",
+            "Steps per second of the running (or latest) fine-tune, averaged since its first step.",
+            registry=registry,
+        )
+        self.worker_info = Info(
+            "atomtune_worker", "The worker's base model, device, dtype and atomtune version.", registry=registry
+        )
 
-class _Denoising:
-    """State the transformer hooks share: whether a generation runs, and when its forward began."""
+    def instrument(self, runtime: Runtime, settings: Settings) -> None:
+        """Hooks the process's runtime: step time, batch size, atom use, residency, memory, info."""
+        synchronize = runtime.device.type == "cuda"
 
-    active = False
-    sample_atoms = False
-    started = 0.0
+        def before(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._denoising:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.batch_size.observe(hidden.shape[0])
+                self._sample_atoms = True
+                self._step_started = time.perf_counter()
 
+        def after(*_: Any) -> None:
+            if self._denoising:
+                if synchronize:
+                    # Kernels run asynchronously; without waiting this would time only their launch.
+                    torch.cuda.synchronize(runtime.device)
+                self.step_duration.observe(time.perf_counter() - self._step_started)
 
-def instrument(runtime: "Runtime", settings: Settings) -> None:
-    """Hooks the process's runtime: step time, batch size, atom use, residency, memory, info."""
-    transformer = runtime.pipeline.transformer
-    synchronize = runtime.device.type == "cuda"
+        def observe_atoms(_block: int, coefficients: torch.Tensor) -> None:
+            # One sample per step: counting forces a device sync, and every adapted block would repeat it.
+            if self._sample_atoms:
+                self._sample_atoms = False
+                self.atoms_active.observe((coefficients != 0).sum(-1).float().mean().item())
 
-    def before(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if _Denoising.active:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            BATCH_SIZE.observe(hidden.shape[0])
-            _Denoising.sample_atoms = True
-            _Denoising.started = time.perf_counter()
+        runtime.pipeline.transformer.register_forward_pre_hook(before, with_kwargs=True)
+        runtime.pipeline.transformer.register_forward_hook(after)
+        runtime.host.add_observer(observe_atoms)
+        self.runtime = runtime
+        self.worker_info.info(
+            {
+                "model": settings.base_model or "",
+                "device": str(runtime.device),
+                "dtype": settings.dtype,
+                "version": version("atomtune"),
+            }
+        )
 
-    def after(*_: Any) -> None:
-        if _Denoising.active:
-            if synchronize:
-                # Kernels run asynchronously; without waiting this would time only their launch.
-                torch.cuda.synchronize(runtime.device)
-            STEP_DURATION.observe(time.perf_counter() - _Denoising.started)
+    @contextmanager
+    def denoising(self) -> Iterator[None]:
+        """Marks the transformer's forward passes inside as generation steps (not training or probes)."""
+        self._denoising = True
+        try:
+            yield
+        finally:
+            self._denoising = False
+            self._sample_atoms = False
 
-    def observe_atoms(_block: int, coefficients: torch.Tensor) -> None:
-        # One sample per step: counting forces a device sync, and every adapted block would repeat it.
-        if _Denoising.sample_atoms:
-            _Denoising.sample_atoms = False
-            ATOMS_ACTIVE.observe((coefficients != 0).sum(-1).float().mean().item())
+    def adapter_acquired(self, hit: CacheHit) -> None:
+        if hit.tier == "device":
+            self.cache_hits.labels("device").inc()
+            return
+        self.cache_misses.labels("device").inc()
+        if hit.tier == "host":
+            self.cache_hits.labels("host").inc()
+        else:
+            self.cache_misses.labels("host").inc()
+        self.adapter_load.labels(hit.tier).observe(hit.seconds)
 
-    transformer.register_forward_pre_hook(before, with_kwargs=True)
-    transformer.register_forward_hook(after)
-    runtime.host.observer = observe_atoms
-    _runtime_collector.runtime = runtime
-    WORKER_INFO.info(
-        {
-            "model": settings.base_model or "",
-            "device": str(runtime.device),
-            "dtype": settings.dtype,
-            "version": version("atomtune"),
-        }
-    )
+    def finetune_progress(self, report: Progress) -> Progress:
+        """Wraps a fine-tune's progress callback to record its loss and speed."""
+        first: tuple[int, float] | None = None
 
+        def progress(step: int, total: int, loss: float | None = None) -> None:
+            nonlocal first
+            now = time.perf_counter()
+            self.finetune_steps.inc()
+            if loss is not None:
+                self.finetune_loss.set(loss)
+            # Timed from the first step, so loading images and encoding the prompt do not count.
+            if first is None:
+                first = (step, now)
+            elif now > first[1]:
+                self.finetune_rate.set((step - first[0]) / (now - first[1]))
+            report(step, total, loss)
 
-@contextmanager
-def denoising() -> Iterator[None]:
-    """Marks the transformer's forward passes inside as generation steps (not training or probes)."""
-    _Denoising.active = True
-    try:
-        yield
-    finally:
-        _Denoising.active = False
-        _Denoising.sample_atoms = False
+        return progress
 
+    def job_finished(self, job: Job, outcome: str) -> None:
+        """Records a job this process claimed (``job`` as read after the claim) and ran to ``outcome``."""
+        assert job.started_at is not None
+        self.job_duration.labels(job.kind, outcome).observe(max(time.time() - job.started_at, 0.0))
+        self.queue_wait.labels(job.kind, outcome).observe(max(job.started_at - job.queued_at, 0.0))
 
-def adapter_acquired(hit: CacheHit) -> None:
-    if hit.tier == "device":
-        CACHE_HITS.labels("device").inc()
-        return
-    CACHE_MISSES.labels("device").inc()
-    if hit.tier == "host":
-        CACHE_HITS.labels("host").inc()
-    else:
-        CACHE_MISSES.labels("host").inc()
-    ADAPTER_LOAD.labels(hit.tier).observe(hit.seconds)
-
-
-def finetune_progress(report: Callable[[int, int, float | None], None]) -> Callable[[int, int, float | None], None]:
-    """Wraps a fine-tune's progress callback to record its loss and speed."""
-    first: tuple[int, float] | None = None
-
-    def progress(step: int, total: int, loss: float | None = None) -> None:
-        nonlocal first
-        now = time.perf_counter()
-        FINETUNE_STEPS.inc()
-        if loss is not None:
-            FINETUNE_LOSS.set(loss)
-        # Timed from the first step, so loading images and encoding the prompt do not count.
-        if first is None:
-            first = (step, now)
-        elif now > first[1]:
-            FINETUNE_RATE.set((step - first[0]) / (now - first[1]))
-        report(step, total, loss)
-
-    return progress
-
-
-def job_finished(job: Job, outcome: str) -> None:
-    """Records a job this process claimed (``job`` as read after the claim) and ran to ``outcome``."""
-    assert job.started_at is not None
-    JOB_DURATION.labels(job.kind, outcome).observe(max(time.time() - job.started_at, 0.0))
-    QUEUE_WAIT.labels(job.kind, outcome).observe(max(job.started_at - job.queued_at, 0.0))
-
-
-def serve(settings: Settings) -> None:
-    """Starts this pool process's metrics server; a port in use is logged, never fatal to the worker."""
-    if not settings.worker_metrics_port:
-        return
-    port = settings.worker_metrics_port + (getattr(current_process(), "index", None) or 0)
-    try:
-        start_http_server(port, addr=settings.host, registry=REGISTRY)
-    except OSError as exc:
-        log.warning("worker metrics not served: %s:%d: %s", settings.host, port, exc)
-        return
-    log.info("worker metrics at http://%s:%d/metrics", settings.host, port)
+    def serve(self, settings: Settings) -> None:
+        """Starts this pool process's metrics server; a port in use is logged, never fatal to the worker."""
+        if not settings.worker_metrics_port:
+            return
+        port = settings.worker_metrics_port + (getattr(current_process(), "index", None) or 0)
+        try:
+            start_http_server(port, addr=settings.host, registry=self.registry)
+        except OSError as exc:
+            log.warning("worker metrics not served: %s:%d: %s", settings.host, port, exc)
+            return
+        log.info("worker metrics at http://%s:%d/metrics", settings.host, port)

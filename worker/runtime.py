@@ -1,7 +1,8 @@
-"""What a worker process holds: the one frozen base pipeline, its adapter host and cache.
+"""The model a worker process holds: the one frozen base pipeline, its adapter host and cache.
 
 Loaded once per process (never per job), from ``ATOMTUNE_BASE_MODEL`` with the configured
-device and dtype.
+device and dtype. Loading touches neither Redis nor the metrics; ``worker.context`` does both
+once the model is in memory.
 """
 
 import logging
@@ -12,10 +13,8 @@ import torch
 from diffusers import PixArtSigmaPipeline
 
 from adapters import AdapterHost
-from service.redis_db import connect
-from service.settings import Settings
-from service.workers_registry import BaseShape, publish_base
-from worker import metrics
+from service.core.settings import Settings
+from service.core.worker_registry import BaseShape
 from worker.cache import AdapterCache
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,8 @@ class Runtime:
         self.cache = AdapterCache(self.host, settings.device_cache_slots, settings.host_cache_bytes)
         # Prompts are padded to this length; the tokenizer's own limit caps it for small models.
         self.max_sequence_length = min(settings.max_sequence_length, pipeline.tokenizer.model_max_length)
-        # One pipeline, one job at a time, even if a thread pool were configured.
+        # One pipeline, one job at a time, even if a thread pool were configured; evictions wait
+        # for it too, because a running job's forward passes read the host's tables.
         self.lock = threading.Lock()
         # The gateway checks imports and training requests against the base the workers serve.
         attention = pipeline.transformer.transformer_blocks[0].attn1
@@ -58,8 +58,6 @@ class Runtime:
             in_features=attention.to_q.in_features,
             out_features=attention.to_out[0].out_features,
         )
-        publish_base(connect(settings.redis_url), self.shape)
-        metrics.instrument(self, settings)
         log.info(
             "loaded base model %s on %s/%s in %.1f s (fingerprint %s)",
             settings.base_model,
@@ -68,16 +66,3 @@ class Runtime:
             time.perf_counter() - started,
             self.fingerprint,
         )
-
-
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
-
-
-def get_runtime(settings: Settings) -> Runtime:
-    """The process's runtime, loaded on first use; a failed load is retried by the next caller."""
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            _runtime = Runtime(settings)
-        return _runtime

@@ -1,4 +1,6 @@
-"""The task bodies. A message carries a job id only; the job's record says what to do.
+"""The task bodies. A message carries a job id only; the job's record holds the typed parameters
+(``service.core.contract``), which the gateway checked before it wrote them, so the bodies trust
+them; the engine still refuses what it cannot do, with its own errors.
 
 Tasks are idempotent: ``claim`` refuses a job that already ended (a redelivery after success), and
 a redelivered half-done job starts over, writing its files into fresh temporary folders that only
@@ -8,8 +10,6 @@ replace the final ones when complete.
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
@@ -26,18 +26,23 @@ from adapters import (
     TrainingCancelled,
     TrainingConfig,
     load_adapter,
+    save_adapter,
     train_adapter,
 )
-from service.catalog import AdapterCatalog, AdapterRecord
-from service.jobs import Job, JobStore
-from service.queue import TASKS
-from service.redis_db import connect
-from service.settings import Settings, get_settings
-from service.storage import ADAPTER_SUBDIR, Storage
-from worker.adapter_files import save_adapter_dir
-from worker.app import app
-from worker.metrics import adapter_acquired, denoising, finetune_progress, job_finished
-from worker.runtime import BaseModelMissing, Runtime, get_runtime
+from service.core.catalog import AdapterRecord
+from service.core.contract import (
+    AtomMaskSpec,
+    FinetuneParams,
+    FinetuneResult,
+    GenerateParams,
+    GenerateResult,
+    JobResult,
+    MessageError,
+)
+from service.core.jobs import Job, JobStore
+from service.core.storage import ADAPTER_SUBDIR, write_atoms
+from worker.context import WorkerContext, context
+from worker.runtime import BaseModelMissing, Runtime
 
 log = logging.getLogger(__name__)
 LOSS_CURVE_POINTS = 100
@@ -58,25 +63,11 @@ class Superseded(Exception):
     """A redelivery of this job has taken over; this run must stop without writing anything."""
 
 
-@dataclass(frozen=True)
-class WorkerContext:
-    settings: Settings
-    jobs: JobStore
-    catalog: AdapterCatalog
-    storage: Storage
-
-    def runtime(self) -> Runtime:
-        try:
-            return get_runtime(self.settings)
-        except BaseModelMissing as exc:
-            raise JobFailed("no_base_model", str(exc)) from None
-
-
-@cache
-def context() -> WorkerContext:
-    settings = get_settings()
-    db = connect(settings.redis_url)
-    return WorkerContext(settings, JobStore(db), AdapterCatalog(db), Storage(settings.data_dir))
+def _runtime(ctx: WorkerContext) -> Runtime:
+    try:
+        return ctx.runtime()
+    except BaseModelMissing as exc:
+        raise JobFailed("no_base_model", str(exc)) from None
 
 
 class Reporter:
@@ -98,7 +89,7 @@ class Reporter:
         return self.cancel
 
 
-Body = Callable[[WorkerContext, Job, Reporter], dict[str, Any]]
+Body = Callable[[WorkerContext, Job, Reporter], JobResult]
 
 
 def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
@@ -131,7 +122,7 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
             f"the job ran past its {ctx.settings.job_soft_time_limit_seconds} s limit; "
             "use fewer steps or a smaller size"
         )
-    except JobFailed as exc:
+    except (JobFailed, MessageError) as exc:
         code, message = exc.code, exc.message
     except (AdapterConfigError, AdapterFormatError, RoutingError) as exc:
         code, message = "invalid_job", str(exc)
@@ -142,13 +133,13 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
         ctx.jobs.finish(job_id, attempt, status, result=result, error_code=code, error_message=message)  # type: ignore[arg-type]
     except RedisError as exc:
         raise Reject(f"recording the end of job {job_id} failed: {exc}", requeue=True) from exc
-    job_finished(job, status)
+    ctx.metrics.job_finished(job, status)
 
 
-def _adapter_of(ctx: WorkerContext, job: Job) -> AdapterRecord:
-    record = ctx.catalog.get(job.adapter_id) if job.adapter_id else None
+def _adapter_of(ctx: WorkerContext, job: Job, adapter_id: str) -> AdapterRecord:
+    record = ctx.catalog.get(adapter_id)
     if record is None or record.tenant_id != job.tenant_id:
-        raise JobFailed("adapter_deleted", f"adapter '{job.adapter_id}' was deleted")
+        raise JobFailed("adapter_deleted", f"adapter '{adapter_id}' was deleted")
     return record
 
 
@@ -160,90 +151,85 @@ def _loss_curve(losses: list[float]) -> list[float]:
     return [sum(chunk) / len(chunk) for chunk in chunks]
 
 
-def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]:
-    params = job.params
+def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> FinetuneResult:
+    params = FinetuneParams.parse(job.params)
     try:
-        record = _adapter_of(ctx, job)
+        record = _adapter_of(ctx, job, params.adapter_id)
         uploads = ctx.storage.uploads_dir(job.tenant_id, record.id)
-        images = [Image.open(uploads / name).convert("RGB") for name in params["images"]]
+        images = [Image.open(uploads / name).convert("RGB") for name in params.images]
     except (JobFailed, FileNotFoundError):
         # Deleting the adapter cancels its job, then removes its record and uploads; a training
         # that starts meanwhile finds them gone, which is that cancel, not a fault.
-        if ctx.jobs.cancel_requested(job.id) or ctx.catalog.get(job.adapter_id or "") is None:
+        if ctx.jobs.cancel_requested(job.id) or ctx.catalog.get(params.adapter_id) is None:
             raise JobCancelled from None
         raise
-    runtime = ctx.runtime()
-    config = SparseDictionaryConfig(**params["config"], base_fingerprint=runtime.fingerprint)
-    config.validate(num_blocks=runtime.host.num_blocks, num_heads=runtime.host.num_heads)
-    training = params["training"]
+    runtime = _runtime(ctx)
+    config = SparseDictionaryConfig(**params.adapter.model_dump(), base_fingerprint=runtime.fingerprint)
+    training = params.training
     training_config = TrainingConfig(
-        steps=training["steps"],
-        learning_rate=training["learning_rate"],
-        seed=training["seed"],
-        resolution=training["resolution"],
+        steps=training.steps,
+        learning_rate=training.learning_rate,
+        seed=training.seed,
+        resolution=training.resolution,
         max_sequence_length=runtime.max_sequence_length,
     )
-    try:
-        training_config.validate()
-    except ValueError as exc:
-        raise JobFailed("invalid_job", str(exc)) from None
-
     with runtime.lock:
         result = train_adapter(
             runtime.pipeline,
             runtime.host,
             images,
-            params["prompt"],
+            params.prompt,
             config,
             training_config,
-            on_progress=finetune_progress(reporter.progress),
+            on_progress=ctx.metrics.finetune_progress(reporter.progress),
             should_stop=reporter.should_stop,
         )
+        adapter = result.adapter
         target = ctx.storage.adapter_dir(job.tenant_id, record.id)
         with ctx.storage.replacing(target) as tmp:
-            summary = save_adapter_dir(tmp, result.adapter)
+            save_adapter(adapter, tmp / ADAPTER_SUBDIR)
+            write_atoms(tmp, adapter.importance_scores())
         metrics = {
             "final_loss": result.losses[-1],
             "loss_curve": _loss_curve(result.losses),
             "seconds": result.seconds,
             "steps": len(result.losses),
         }
-        if not ctx.catalog.mark_ready(record.id, summary.config, summary.layers, metrics):
+        if not ctx.catalog.mark_ready(record.id, adapter.config.to_dict(), adapter.blocks, metrics):
             # Its owner deleted it while it trained, which also asked the job to stop.
             ctx.storage.remove_adapter(job.tenant_id, record.id)
             raise JobCancelled
         # Keep the fresh adapter resident: the first generation with it usually follows at once.
-        runtime.cache.insert(record.id, result.adapter)
-    return {"adapter_id": record.id}
+        runtime.cache.insert(record.id, adapter)
+    return FinetuneResult(adapter_id=record.id)
 
 
-def _atom_mask(spec: dict[str, Any] | None, num_atoms: int) -> dict[int, torch.Tensor] | None:
+def _atom_mask(spec: AtomMaskSpec | None, num_atoms: int) -> dict[int, torch.Tensor] | None:
     if spec is None:
         return None
-    keep = spec["mode"] == "keep"
+    keep = spec.mode == "keep"
     masks = {}
-    for layer, atoms in spec["layers"].items():
+    for block, atoms in spec.blocks.items():
         mask = torch.full((num_atoms,), not keep, dtype=torch.bool)
         mask[torch.tensor(atoms, dtype=torch.long)] = keep
-        masks[int(layer)] = mask
+        masks[block] = mask
     return masks
 
 
-def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]:
-    params = job.params
-    runtime = ctx.runtime()
-    steps, count = params["steps"], params["num_images"]
+def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> GenerateResult:
+    params = GenerateParams.parse(job.params)
+    runtime = _runtime(ctx)
 
     def on_step(step: int, _timestep: Any, _latents: torch.Tensor) -> None:
-        reporter.progress(step + 1, steps)
+        reporter.progress(step + 1, params.steps)
         if reporter.should_stop():
             raise JobCancelled
 
     with runtime.lock:
         tier = None
         route = SampleRoute()
-        if job.adapter_id:
-            record = _adapter_of(ctx, job)
+        if params.adapter_id is not None:
+            record = _adapter_of(ctx, job, params.adapter_id)
             folder = ctx.storage.adapter_dir(job.tenant_id, record.id) / ADAPTER_SUBDIR
             hit = runtime.cache.acquire(
                 record.id,
@@ -252,23 +238,23 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]
                 ),
             )
             tier = hit.tier
-            adapter_acquired(hit)
+            ctx.metrics.adapter_acquired(hit)
             route = SampleRoute(
                 adapter=record.id,
-                density=params["density"],
-                atom_mask=_atom_mask(params["atom_mask"], int(record.config["num_atoms"])),
-                top_atoms=params["top_atoms"],
+                density=params.density,
+                atom_mask=_atom_mask(params.atom_mask, runtime.host.get(record.id).config.num_atoms),
+                top_atoms=params.top_atoms,
             )
-        with runtime.host.route([route] * count), denoising():
+        with runtime.host.route([route] * params.num_images), ctx.metrics.denoising():
             images = runtime.pipeline(
-                prompt=params["prompt"],
-                negative_prompt=params["negative_prompt"],
-                num_images_per_prompt=count,
-                num_inference_steps=steps,
-                guidance_scale=params["guidance_scale"],
-                width=params["width"],
-                height=params["height"],
-                generator=torch.Generator().manual_seed(params["seed"]),
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                num_images_per_prompt=params.num_images,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                width=params.width,
+                height=params.height,
+                generator=torch.Generator().manual_seed(params.seed),
                 use_resolution_binning=False,
                 clean_caption=False,
                 max_sequence_length=runtime.max_sequence_length,
@@ -277,14 +263,12 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict[str, Any]
     with ctx.storage.replacing(ctx.storage.outputs_dir(job.tenant_id, job.id)) as tmp:
         for index, image in enumerate(images):
             image.save(tmp / f"{index}.png")
-    return {"images": len(images), "seed": params["seed"], "adapter_tier": tier}
+    return GenerateResult(image_count=len(images), seed=params.seed, adapter_tier=tier)
 
 
-@app.task(name=TASKS["finetune"])
 def finetune_task(job_id: str) -> None:
     run_job(context(), job_id, train)
 
 
-@app.task(name=TASKS["generate"])
 def generate_task(job_id: str) -> None:
     run_job(context(), job_id, generate)

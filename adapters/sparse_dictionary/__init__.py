@@ -1,4 +1,7 @@
-"""Sparse dictionary fine-tuning (ΔO = A·σ(X·W_s)·D), laid out like a PEFT tuner: config, layer, model."""
+"""Sparse dictionary fine-tuning (ΔO = A·σ(X·W_s)·D), laid out like a PEFT tuner.
+
+``config`` (what an adapter is), ``layer`` (its weights), ``plan`` and ``kernels`` (the arithmetic
+inside attention), ``processor`` (the attention processor), ``model`` (the host that routes rows)."""
 
 from adapters.sparse_dictionary.config import (
     ACTIVATIONS,
@@ -7,8 +10,9 @@ from adapters.sparse_dictionary.config import (
     base_fingerprint,
     density_to_k,
 )
-from adapters.sparse_dictionary.layer import SparseDictionaryAdapter, SparseDictionaryAttnProcessor
+from adapters.sparse_dictionary.layer import SparseDictionaryAdapter
 from adapters.sparse_dictionary.model import AdapterHost, RoutingError, SampleRoute
+from adapters.sparse_dictionary.processor import SparseDictionaryAttnProcessor
 
 __all__ = [
     "ACTIVATIONS",

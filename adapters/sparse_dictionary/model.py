@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from adapters.sparse_dictionary.config import SparseDictionaryConfig, base_fingerprint, density_to_k
-from adapters.sparse_dictionary.layer import (
-    FusedOutputWeight,
-    GroupPlan,
-    LayerPlanner,
-    SparseDictionaryAdapter,
-    SparseDictionaryAttnProcessor,
-    dictionary_state,
-    fused_output_weight,
-)
+from adapters.sparse_dictionary.kernels import fused_output_weight
+from adapters.sparse_dictionary.layer import SparseDictionaryAdapter
+from adapters.sparse_dictionary.plan import FusedOutputWeight, GroupPlan, Observer, dictionary_state
+from adapters.sparse_dictionary.processor import SparseDictionaryAttnProcessor
 
 
 class RoutingError(ValueError):
@@ -42,10 +39,7 @@ class SampleRoute:
     top_atoms: int | None = None
 
 
-Observer = Callable[[int, torch.Tensor], None]
-
-
-class AdapterHost(LayerPlanner):
+class AdapterHost:
     """Installs the adapter processors on a shared transformer once and routes rows to adapters.
 
     Base weights are never touched. Resident adapters are held by reference, so switching
@@ -69,7 +63,8 @@ class AdapterHost(LayerPlanner):
         self.fingerprint = base_fingerprint(transformer)
         self.num_blocks = len(blocks)
         self.num_heads = blocks[0].attn1.heads
-        self.observer: Observer | None = None
+        # An OrderedDict, as torch keeps module hooks: RemovableHandle holds a weak reference to it.
+        self._observers: OrderedDict[int, Observer] = OrderedDict()
         self._adapters: dict[str, SparseDictionaryAdapter] = {}
         self._routes: list[SampleRoute] | None = None
         self._plans: dict[tuple[int, int], list[GroupPlan]] = {}
@@ -129,6 +124,19 @@ class AdapterHost(LayerPlanner):
 
     def names(self) -> list[str]:
         return list(self._adapters)
+
+    # -- observers ----------------------------------------------------------------------------
+
+    def add_observer(self, observer: Observer) -> RemovableHandle:
+        """Call ``observer(block, coefficients)`` on every adapted forward pass until the returned
+        handle's ``remove()`` (or the end of its ``with`` block); coefficients are laid out (B, N, M)."""
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = observer
+        return handle
+
+    @property
+    def observers(self) -> list[Observer]:
+        return list(self._observers.values())
 
     # -- routing ------------------------------------------------------------------------------
 

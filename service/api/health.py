@@ -1,9 +1,9 @@
 from fastapi import APIRouter
 from redis.exceptions import RedisError
 
-from service import workers_registry
 from service.api.deps import ServicesDep
 from service.api.schemas import ErrorResponse, Health
+from service.core import worker_registry
 from service.errors import ApiError
 
 router = APIRouter(tags=["health"])
@@ -20,7 +20,7 @@ def readyz(services: ServicesDep) -> Health:
     """Redis answers and at least one worker is alive."""
     try:
         services.db.ping()
-        workers = workers_registry.alive(services.db, services.settings.worker_heartbeat_seconds)
+        workers = worker_registry.alive(services.db, services.settings.worker_heartbeat_seconds)
     except RedisError:
         raise ApiError(503, "not_ready", "Redis does not answer at the configured URL") from None
     if not workers:

@@ -7,6 +7,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from service.api.deps import JobDep, ServicesDep, StreamSlotDep
 from service.api.schemas import ErrorResponse, JobOut, Progress
+from service.core.contract import GenerateResult, parse_result
 from service.errors import ApiError, not_found
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -50,7 +51,7 @@ async def job_events(job: JobDep, services: ServicesDep, _slot: StreamSlotDep) -
 )
 def get_image(job: JobDep, services: ServicesDep, index: Annotated[int, Path(ge=0)]) -> FileResponse:
     """One generated PNG (only the job's owner sees it)."""
-    count = (job.result or {}).get("images") or 0
-    if job.kind != "generate" or job.status != "succeeded" or index >= count:
+    result = parse_result(job.kind, job.result) if job.result is not None else None
+    if not isinstance(result, GenerateResult) or job.status != "succeeded" or index >= result.image_count:
         raise not_found("image", f"{job.id}/images/{index}")
     return FileResponse(services.storage.output_image(job.tenant_id, job.id, index), media_type="image/png")

@@ -1,19 +1,25 @@
-"""Request and response bodies. Bounds here are the documented limits of the API."""
+"""Request and response bodies. Bounds here are the documented limits of the API; the words and the
+bounds the workers share (activations, cache tiers, atoms, blocks, seeds) come from the core's
+contract."""
 
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.catalog import AdapterRecord, AdapterSource, AdapterStatus
-from service.jobs import Job, JobKind, JobStatus
-
-MAX_SEED = 2**32 - 1
-# The engine's own bounds (adapters' MAX_BLOCKS and MAX_ATOMS; a test keeps them equal). Importing
-# them would load torch into every gateway process, so they are repeated here.
-MAX_BLOCKS = 1024
-MAX_ATOMS = 4096
-Activation = Literal["topk", "relu", "soft_threshold"]
+from service.core.catalog import AdapterRecord, AdapterSource, AdapterStatus
+from service.core.contract import (
+    MAX_ATOMS,
+    MAX_BLOCKS,
+    MAX_SEED,
+    Activation,
+    AtomMaskMode,
+    CacheTier,
+    FinetuneResult,
+    JobKind,
+    parse_result,
+)
+from service.core.jobs import Job, JobStatus
 
 
 def _time(value: float | None) -> datetime | None:
@@ -33,7 +39,7 @@ class TrainingForm(BaseModel):
     """The form fields of ``POST /v1/adapters`` besides the images."""
 
     prompt: str = Field(min_length=1, max_length=1000, description="Names the concept, e.g. 'a photo of sks dog'")
-    atoms: int = Field(default=256, ge=8, le=1024, description="Dictionary atoms per layer (M)")
+    atoms: int = Field(default=256, ge=8, le=1024, description="Dictionary atoms per adapted block (M)")
     density: float = Field(default=0.04, gt=0, le=1, description="Fraction of atoms a token uses (k/M)")
     activation: Activation = "topk"
     steps: int = Field(default=500, ge=1, le=5000)
@@ -58,7 +64,7 @@ class AdapterOut(BaseModel):
     config: dict[str, Any] = Field(description="The engine's adapter configuration")
     training: dict[str, Any] | None = Field(description="Training parameters (trained adapters)")
     metrics: dict[str, Any] | None = Field(description="Training metrics once ready: losses, seconds")
-    layers: list[int] | None = Field(description="The transformer blocks the adapter modifies")
+    blocks: list[int] | None = Field(description="The transformer blocks the adapter modifies")
     created_at: datetime
     ready_at: datetime | None
 
@@ -73,7 +79,7 @@ class AdapterOut(BaseModel):
             config=record.config,
             training=record.training,
             metrics=record.metrics,
-            layers=record.layers,
+            blocks=record.blocks,
             created_at=_time(record.created_at),  # type: ignore[arg-type]
             ready_at=_time(record.ready_at),
         )
@@ -89,25 +95,25 @@ class AtomScore(BaseModel):
     importance: float
 
 
-class LayerAtoms(BaseModel):
-    layer: int
+class BlockAtoms(BaseModel):
+    block: int
     atoms: list[AtomScore] = Field(description="Most important first")
 
 
 class AtomsOut(BaseModel):
     adapter_id: str
-    layers: list[LayerAtoms]
+    blocks: list[BlockAtoms]
 
 
 class AtomMask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["keep", "drop"] = Field(description="Keep only the listed atoms, or drop them")
+    mode: AtomMaskMode = Field(description="Keep only the listed atoms, or drop them")
     # Bounded so that one request cannot store megabytes of job parameters in Redis.
-    layers: dict[int, Annotated[list[int], Field(max_length=MAX_ATOMS)]] = Field(
+    blocks: dict[int, Annotated[list[int], Field(max_length=MAX_ATOMS)]] = Field(
         min_length=1,
         max_length=MAX_BLOCKS,
-        description="Layer (block index) -> distinct atom indices; layers not named stay whole",
+        description="Block index -> distinct atom indices; blocks not named keep every atom",
     )
 
 
@@ -119,7 +125,7 @@ class GenerationRequest(BaseModel):
     adapter_id: str | None = None
     density: float | None = Field(default=None, gt=0, le=1, description="Overrides the adapter's density")
     atom_mask: AtomMask | None = None
-    top_atoms: int | None = Field(default=None, ge=1, description="Keep the K most important atoms per layer")
+    top_atoms: int | None = Field(default=None, ge=1, description="Keep the K most important atoms per block")
     num_images: int = Field(default=1, ge=1, le=4)
     steps: int = Field(default=20, ge=1, le=100)
     guidance_scale: float = Field(default=4.5, ge=0, le=20)
@@ -138,7 +144,7 @@ class JobResult(BaseModel):
     adapter_id: str | None = Field(default=None, description="Fine-tuning: the trained adapter")
     images: list[str] | None = Field(default=None, description="Generation: URLs of the PNGs")
     seed: int | None = None
-    adapter_tier: Literal["device", "host", "storage"] | None = Field(
+    adapter_tier: CacheTier | None = Field(
         default=None, description="Generation: the cache tier the adapter was found in"
     )
 
@@ -161,13 +167,12 @@ class JobOut(BaseModel):
     def of(cls, job: Job) -> "JobOut":
         result = None
         if job.result is not None:
-            count = job.result.get("images")
-            result = JobResult(
-                adapter_id=job.result.get("adapter_id"),
-                images=[f"/v1/jobs/{job.id}/images/{n}" for n in range(count)] if count else None,
-                seed=job.result.get("seed"),
-                adapter_tier=job.result.get("adapter_tier"),
-            )
+            stored = parse_result(job.kind, job.result)
+            if isinstance(stored, FinetuneResult):
+                result = JobResult(adapter_id=stored.adapter_id)
+            else:
+                images = [f"/v1/jobs/{job.id}/images/{n}" for n in range(stored.image_count)]
+                result = JobResult(images=images, seed=stored.seed, adapter_tier=stored.adapter_tier)
         error = None
         if job.error_code:
             error = ErrorInfo(code=job.error_code, message=job.error_message or "")

@@ -15,10 +15,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from service import workers_registry
-from service.redis_db import connect
-from service.settings import Settings
-from service.tenants import TenantStore
+from service.core import worker_registry
+from service.core.contract import GenerateParams
+from service.core.redis_db import connect
+from service.core.settings import Settings
+from service.core.tenants import TenantStore
 from service.up import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def worker(service_env: dict[str, str], settings: Settings, tmp_path_factory: py
 
     def alive() -> bool:
         assert process.poll() is None, f"the worker exited:\n{log_path.read_text()[-3000:]}"
-        return bool(workers_registry.alive(db, settings.worker_heartbeat_seconds))
+        return bool(worker_registry.alive(db, settings.worker_heartbeat_seconds))
 
     wait_until(alive, STARTUP_SECONDS, "the worker's heartbeat")
     yield log_path
@@ -202,3 +203,27 @@ def wait_for() -> Callable[..., None]:
 @pytest.fixture(scope="session")
 def image_bytes() -> Callable[..., bytes]:
     return _image_bytes
+
+
+def _generate_params(**fields: object) -> GenerateParams:
+    """A generation's message as the gateway writes it: the API's defaults, ``fields`` over them."""
+    defaults: dict[str, object] = {
+        "prompt": "p",
+        "negative_prompt": "",
+        "adapter_id": None,
+        "density": None,
+        "atom_mask": None,
+        "top_atoms": None,
+        "num_images": 1,
+        "steps": 20,
+        "guidance_scale": 4.5,
+        "width": None,
+        "height": None,
+        "seed": 0,
+    }
+    return GenerateParams.model_validate({**defaults, **fields})
+
+
+@pytest.fixture(scope="session")
+def generate_params() -> Callable[..., GenerateParams]:
+    return _generate_params

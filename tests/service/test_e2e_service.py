@@ -70,22 +70,22 @@ def test_tenant_trains_generates_downloads_and_other_tenants_see_nothing(
 
     adapter = owner.get(f"/v1/adapters/{adapter_id}").json()
     assert adapter["status"] == "ready"
-    assert adapter["config"]["num_atoms"] == 16 and adapter["layers"] == [0, 1]
+    assert adapter["config"]["num_atoms"] == 16 and adapter["blocks"] == [0, 1]
     assert adapter["metrics"]["steps"] == 5 and len(adapter["metrics"]["loss_curve"]) == 5
     assert [a["id"] for a in owner.get("/v1/adapters").json()["items"]] == [adapter_id]
 
     atoms = owner.get(f"/v1/adapters/{adapter_id}/atoms").json()
-    assert [layer["layer"] for layer in atoms["layers"]] == [0, 1]
-    scores = [a["importance"] for a in atoms["layers"][0]["atoms"]]
+    assert [block["block"] for block in atoms["blocks"]] == [0, 1]
+    scores = [a["importance"] for a in atoms["blocks"][0]["atoms"]]
     assert len(scores) == 16 and scores == sorted(scores, reverse=True)
-    top = [a["atom"] for a in atoms["layers"][0]["atoms"][:4]]
+    top = [a["atom"] for a in atoms["blocks"][0]["atoms"][:4]]
 
     base = generate(owner, wait_job)
     tuned = generate(owner, wait_job, adapter_id=adapter_id)
     # Training left the adapter resident: the first generation with it loaded nothing.
     assert tuned["result"]["adapter_tier"] == "device"
     sparser = generate(owner, wait_job, adapter_id=adapter_id, density=0.0625)
-    masked = generate(owner, wait_job, adapter_id=adapter_id, atom_mask={"mode": "drop", "layers": {"0": top}})
+    masked = generate(owner, wait_job, adapter_id=adapter_id, atom_mask={"mode": "drop", "blocks": {"0": top}})
     core = generate(owner, wait_job, adapter_id=adapter_id, top_atoms=2)
     jobs = {"base": base, "tuned": tuned, "sparser": sparser, "masked": masked, "core": core}
     images = {name: pixels(owner, job["result"]["images"][0]) for name, job in jobs.items()}

@@ -9,7 +9,7 @@ from httpx import Client as Api
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.redis_db import connect
+from service.core.redis_db import connect
+from service.core.worker_registry import base_shape
 from service.up import BUNDLED_DEMO_MODEL
-from service.workers_registry import base_shape
 
 REPO = Path(__file__).resolve().parents[2]
 

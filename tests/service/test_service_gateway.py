@@ -12,16 +12,16 @@ from fastapi.testclient import TestClient
 from httpx import Client as Api
 from PIL import Image
 
-from service.api.schemas import MAX_ATOMS, MAX_BLOCKS
 from service.app import create_app
-from service.catalog import AdapterCatalog
-from service.ids import new_id
-from service.jobs import JobStore
-from service.queue import make_celery
-from service.redis_db import BASE_MODEL_KEY, connect, tenant_streams_key
-from service.settings import Settings
-from service.tenants import TenantStore
-from service.workers_registry import BaseShape, publish_base
+from service.core.catalog import AdapterCatalog
+from service.core.contract import ACTIVATIONS, MAX_ATOMS, MAX_BLOCKS, GenerateParams
+from service.core.ids import new_id
+from service.core.jobs import JobStore
+from service.core.queue import make_celery
+from service.core.redis_db import BASE_MODEL_KEY, connect, tenant_streams_key
+from service.core.settings import Settings
+from service.core.tenants import TenantStore
+from service.core.worker_registry import BaseShape, publish_base
 
 UNKNOWN_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
@@ -142,18 +142,18 @@ def _encode(content: object) -> bytes:
         ({"prompt": "p", "atom_masks": {}}, {}, 422, "atom_masks: Extra inputs are not permitted"),
         ({"prompt": ""}, {}, 422, "prompt: String should have at least 1 character"),
         ({"prompt": "p"}, {"wait": 600}, 422, "wait must be at most 60 seconds"),
-        ({"prompt": "p", "atom_mask": {"mode": "keep", "layers": {}}}, {}, 422, "atom_mask.layers"),
+        ({"prompt": "p", "atom_mask": {"mode": "keep", "blocks": {}}}, {}, 422, "atom_mask.blocks"),
         (
-            {"prompt": "p", "atom_mask": {"mode": "keep", "layers": {str(n): [0] for n in range(MAX_BLOCKS + 1)}}},
+            {"prompt": "p", "atom_mask": {"mode": "keep", "blocks": {str(n): [0] for n in range(MAX_BLOCKS + 1)}}},
             {},
             422,
-            f"atom_mask.layers: Dictionary should have at most {MAX_BLOCKS} items",
+            f"atom_mask.blocks: Dictionary should have at most {MAX_BLOCKS} items",
         ),
         (
-            {"prompt": "p", "atom_mask": {"mode": "keep", "layers": {"0": [0] * (MAX_ATOMS + 1)}}},
+            {"prompt": "p", "atom_mask": {"mode": "keep", "blocks": {"0": [0] * (MAX_ATOMS + 1)}}},
             {},
             422,
-            f"atom_mask.layers.0: List should have at most {MAX_ATOMS} items",
+            f"atom_mask.blocks.0: List should have at most {MAX_ATOMS} items",
         ),
     ],
 )
@@ -165,16 +165,18 @@ def test_generation_requests_are_validated(
     assert says in error_of(response)["message"]
 
 
-def test_atom_mask_bounds_are_the_engines() -> None:
+def test_atom_mask_bounds_and_activations_are_the_engines() -> None:
     from adapters.persistence import MAX_BLOCKS as ENGINE_MAX_BLOCKS
+    from adapters.sparse_dictionary.config import ACTIVATIONS as ENGINE_ACTIVATIONS
     from adapters.sparse_dictionary.config import MAX_ATOMS as ENGINE_MAX_ATOMS
 
     assert (MAX_BLOCKS, MAX_ATOMS) == (ENGINE_MAX_BLOCKS, ENGINE_MAX_ATOMS)
+    assert ACTIVATIONS == ENGINE_ACTIVATIONS
 
 
 @pytest.fixture
 def ready_adapter(settings: Settings) -> Callable[[str], str]:
-    """A ready adapter record (16 atoms, layers 0 and 1) owned by the tenant, without training one."""
+    """A ready adapter record (16 atoms, blocks 0 and 1) owned by the tenant, without training one."""
     catalog = AdapterCatalog(connect(settings.redis_url))
 
     def make(tenant_id: str) -> str:
@@ -192,17 +194,18 @@ def test_atom_masks_refuse_repeated_atoms_and_are_stored_sorted(
 ) -> None:
     api = new_tenant("masks")
     adapter_id = ready_adapter(api.tenant_id)  # type: ignore[attr-defined]
-    body = {"prompt": "p", "adapter_id": adapter_id, "atom_mask": {"mode": "drop", "layers": {"1": [5, 3, 5]}}}
+    body = {"prompt": "p", "adapter_id": adapter_id, "atom_mask": {"mode": "drop", "blocks": {"1": [5, 3, 5]}}}
     repeated = api.post("/v1/generations", json=body)
     assert repeated.status_code == 422 and "atoms [5] are listed more than once" in error_of(repeated)["message"]
 
-    body["atom_mask"]["layers"] = {"1": [9, 2, 7]}  # type: ignore[index]
+    body["atom_mask"]["blocks"] = {"1": [9, 2, 7]}  # type: ignore[index]
     accepted = api.post("/v1/generations", json=body)
     assert accepted.status_code == 202, accepted.text
     job_id = accepted.json()["job_id"]
     jobs = JobStore(connect(settings.redis_url))
     job = jobs.get(job_id)
-    assert job is not None and job.params["atom_mask"]["layers"] == {"1": [2, 7, 9]}
+    assert job is not None and job.params["atom_mask"]["blocks"] == {"1": [2, 7, 9]}
+    assert GenerateParams.parse(job.params).atom_mask.blocks == {1: [2, 7, 9]}  # type: ignore[union-attr]
     jobs.cancel(job_id)
 
 
@@ -299,14 +302,17 @@ def test_request_bodies_are_bounded(new_tenant: Callable[[str], Api], settings: 
 
 
 def test_event_streams_and_waits_are_bounded_per_tenant(
-    new_tenant: Callable[[str], Api], settings: Settings, wait_for: Callable[..., None]
+    new_tenant: Callable[[str], Api],
+    settings: Settings,
+    wait_for: Callable[..., None],
+    generate_params: Callable[..., GenerateParams],
 ) -> None:
     api, other = new_tenant("streams"), new_tenant("streams-other")
     jobs = JobStore(connect(settings.redis_url))
     # Never enqueued, so it stays queued and its streams stay open until it is cancelled.
     job_id, other_job = new_id(), new_id()
-    jobs.create(job_id, api.tenant_id, "generate", {"prompt": "p"}, total=1, max_active=1)  # type: ignore[attr-defined]
-    jobs.create(other_job, other.tenant_id, "generate", {"prompt": "p"}, total=1, max_active=1)  # type: ignore[attr-defined]
+    jobs.create(job_id, api.tenant_id, generate_params(steps=1), max_active=1)  # type: ignore[attr-defined]
+    jobs.create(other_job, other.tenant_id, generate_params(steps=1), max_active=1)  # type: ignore[attr-defined]
     limit = Settings().max_streams_per_tenant
     with ExitStack() as streams:
         opened = [streams.enter_context(api.stream("GET", f"/v1/jobs/{job_id}/events")) for _ in range(limit)]

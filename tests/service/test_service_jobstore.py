@@ -2,17 +2,26 @@
 or a concurrent delete may do, and how a worker ends a job when Redis or its adapter goes away."""
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from service.catalog import AdapterCatalog
-from service.ids import new_id
-from service.jobs import Job, JobStore
-from service.redis_db import adapter_key, connect
-from service.settings import Settings
-from service.storage import Storage
+from service.core.catalog import AdapterCatalog
+from service.core.contract import (
+    AdapterSpec,
+    FinetuneParams,
+    FinetuneResult,
+    GenerateParams,
+    GenerateResult,
+    TrainingSpec,
+)
+from service.core.ids import new_id
+from service.core.jobs import Job, JobStore
+from service.core.redis_db import adapter_key, connect
+from service.core.settings import Settings
+from service.core.storage import Storage
 
 
 @pytest.fixture
@@ -20,14 +29,18 @@ def jobs(settings: Settings) -> JobStore:
     return JobStore(connect(settings.redis_url))
 
 
-def make(jobs: JobStore) -> str:
-    job_id = new_id()
-    jobs.create(job_id, new_id(), "generate", {"prompt": "p"}, total=3, max_active=16)
-    return job_id
+@pytest.fixture
+def make(jobs: JobStore, generate_params: Callable[..., GenerateParams]) -> Callable[[], str]:
+    def make() -> str:
+        job_id = new_id()
+        jobs.create(job_id, new_id(), generate_params(steps=3), max_active=16)
+        return job_id
+
+    return make
 
 
-def test_a_redelivery_takes_over_and_fences_off_the_first_run(jobs: JobStore) -> None:
-    job_id = make(jobs)
+def test_a_redelivery_takes_over_and_fences_off_the_first_run(jobs: JobStore, make: Callable[[], str]) -> None:
+    job_id = make()
     tenant = jobs.get(job_id).tenant_id  # type: ignore[union-attr]
     assert jobs.active_count(tenant) == 1
     assert jobs.claim(job_id, pid=1, max_attempts=3) == ("claimed", 1)
@@ -37,21 +50,22 @@ def test_a_redelivery_takes_over_and_fences_off_the_first_run(jobs: JobStore) ->
     job = jobs.get(job_id)
     assert job is not None and job.step == 0 and job.worker_pid == 2 and job.status == "running"
     assert jobs.progress(job_id, 1, 2, 3) == "stale"
-    assert jobs.finish(job_id, 1, "succeeded", {"images": 1}) == "running"
-    assert jobs.finish(job_id, 2, "succeeded", {"images": 1}) == "ok"
+    result = GenerateResult(image_count=1, seed=0, adapter_tier=None)
+    assert jobs.finish(job_id, 1, "succeeded", result) == "running"
+    assert jobs.finish(job_id, 2, "succeeded", result) == "ok"
     done = jobs.get(job_id)
-    assert done is not None and done.status == "succeeded" and done.result == {"images": 1}
+    assert done is not None and done.status == "succeeded" and GenerateResult.parse(done.result or {}) == result
     assert done.finished_at is not None and jobs.active_count(tenant) == 0
     # A finished job delivered again does not run again.
     assert jobs.claim(job_id, pid=3, max_attempts=3) == ("succeeded", 0)
 
 
-def test_cancel_queued_running_and_finished(jobs: JobStore) -> None:
-    queued = make(jobs)
+def test_cancel_queued_running_and_finished(jobs: JobStore, make: Callable[[], str]) -> None:
+    queued = make()
     assert jobs.cancel(queued) == "cancelled"
     assert jobs.claim(queued, pid=1, max_attempts=3) == ("cancelled", 0)
 
-    running = make(jobs)
+    running = make()
     jobs.claim(running, pid=1, max_attempts=3)
     assert jobs.cancel(running) == "cancelling"
     assert jobs.progress(running, 1, 1, 3) == "1"
@@ -60,8 +74,8 @@ def test_cancel_queued_running_and_finished(jobs: JobStore) -> None:
     assert jobs.cancel(running) == "cancelled"
 
 
-def test_a_job_that_keeps_killing_workers_is_given_up(jobs: JobStore) -> None:
-    job_id = make(jobs)
+def test_a_job_that_keeps_killing_workers_is_given_up(jobs: JobStore, make: Callable[[], str]) -> None:
+    job_id = make()
     for attempt in (1, 2):
         assert jobs.claim(job_id, pid=attempt, max_attempts=2) == ("claimed", attempt)
     assert jobs.claim(job_id, pid=3, max_attempts=2)[0] == "failed"
@@ -69,28 +83,30 @@ def test_a_job_that_keeps_killing_workers_is_given_up(jobs: JobStore) -> None:
     assert job is not None and job.error_code == "worker_lost" and "2 times" in (job.error_message or "")
 
 
-def test_concurrent_creates_never_pass_the_tenants_quota(jobs: JobStore) -> None:
+def test_concurrent_creates_never_pass_the_tenants_quota(
+    jobs: JobStore, generate_params: Callable[..., GenerateParams]
+) -> None:
     tenant = new_id()
     start = threading.Barrier(12)
 
     def create(_: int) -> bool:
         start.wait()
-        return jobs.create(new_id(), tenant, "generate", {"prompt": "p"}, total=1, max_active=3) is not None
+        return jobs.create(new_id(), tenant, generate_params(steps=1), max_active=3) is not None
 
     with ThreadPoolExecutor(max_workers=12) as pool:
         created = list(pool.map(create, range(12)))
     assert sum(created) == 3 and jobs.active_count(tenant) == 3
 
 
-def test_abandon_fails_only_a_job_still_queued(jobs: JobStore) -> None:
-    queued = make(jobs)
+def test_abandon_fails_only_a_job_still_queued(jobs: JobStore, make: Callable[[], str]) -> None:
+    queued = make()
     tenant = jobs.get(queued).tenant_id  # type: ignore[union-attr]
     assert jobs.abandon(queued, "unavailable", "could not be queued") == "failed"
     job = jobs.get(queued)
     assert job is not None and job.status == "failed" and job.error_code == "unavailable"
     assert jobs.active_count(tenant) == 0
 
-    running = make(jobs)
+    running = make()
     jobs.claim(running, pid=1, max_attempts=3)
     assert jobs.abandon(running, "unavailable", "could not be queued") == "running"
 
@@ -98,12 +114,12 @@ def test_abandon_fails_only_a_job_still_queued(jobs: JobStore) -> None:
 def test_a_worker_that_cannot_reach_redis_puts_the_message_back(settings: Settings, tmp_path: Path) -> None:
     from celery.exceptions import Reject
 
-    from worker.tasks import WorkerContext, run_job
+    from worker.context import WorkerContext
+    from worker.tasks import run_job
 
     # Nothing listens on port 1: the claim fails as it does while Redis is down. Celery would
     # acknowledge (drop) the message of a task that raised anything but Reject.
-    down = connect("redis://127.0.0.1:1/0")
-    ctx = WorkerContext(settings, JobStore(down), AdapterCatalog(down), Storage(tmp_path))
+    ctx = WorkerContext(settings, connect("redis://127.0.0.1:1/0"), Storage(tmp_path))
     with pytest.raises(Reject) as raised:
         run_job(ctx, new_id(), lambda *_: {})
     assert raised.value.requeue is True
@@ -139,17 +155,20 @@ def test_marking_ready_never_recreates_a_deleted_adapter(settings: Settings) -> 
 def test_a_training_whose_adapter_is_deleted_as_it_starts_ends_cancelled(
     settings: Settings, tmp_path: Path, cancelled: bool, record_deleted: bool
 ) -> None:
-    from worker.tasks import Reporter, WorkerContext, run_job, train
+    from worker.context import WorkerContext
+    from worker.tasks import Reporter, run_job, train
 
-    db = connect(settings.redis_url)
-    jobs, catalog = JobStore(db), AdapterCatalog(db)
-    ctx = WorkerContext(settings, jobs, catalog, Storage(tmp_path))
+    ctx = WorkerContext(settings, connect(settings.redis_url), Storage(tmp_path))
+    jobs, catalog = ctx.jobs, ctx.catalog
     tenant, adapter_id, job_id = new_id(), new_id(), new_id()
-    catalog.create(adapter_id, tenant, "p", "trained", {"num_atoms": 8}, job_id=job_id)
+    adapter = AdapterSpec(num_atoms=8, density=0.25, activation="topk")
+    catalog.create(adapter_id, tenant, "p", "trained", adapter.model_dump(), job_id=job_id)
     # The uploads are never written: they are gone as far as the training can tell.
-    jobs.create(job_id, tenant, "finetune", {"images": ["0.png"]}, total=5, max_active=1, adapter_id=adapter_id)
+    training = TrainingSpec(steps=5, learning_rate=1e-3, seed=0, resolution=None, image_count=1)
+    params = FinetuneParams(adapter_id=adapter_id, prompt="p", adapter=adapter, training=training, images=["0.png"])
+    jobs.create(job_id, tenant, params, max_active=1)
 
-    def deleted_as_it_starts(ctx: WorkerContext, job: Job, reporter: Reporter) -> dict:
+    def deleted_as_it_starts(ctx: WorkerContext, job: Job, reporter: Reporter) -> FinetuneResult:
         if cancelled:
             jobs.cancel(job_id)
         if record_deleted:

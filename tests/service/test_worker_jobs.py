@@ -9,10 +9,10 @@ from collections.abc import Callable
 import pytest
 from httpx import Client as Api
 
-from service.jobs import JobStore
-from service.queue import enqueue, make_celery
-from service.redis_db import connect
-from service.settings import Settings
+from service.core.jobs import JobStore
+from service.core.queue import enqueue, make_celery
+from service.core.redis_db import connect
+from service.core.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("worker")
 TRAINING = {"prompt": "a photo of a blue square", "atoms": 16, "density": 0.25, "learning_rate": 0.01}

@@ -1,25 +1,26 @@
-"""The Celery application shared by the gateway (which sends) and the workers (which run).
+"""The queue contract: the Celery application that the gateway sends with and the workers run, its
+task names and queues.
 
-The settings are the ones that keep jobs (DESIGN §3): a message is acknowledged only after its task
-returns, a lost worker process puts it back, each process reserves one message at a time, and
-Redis waits longer than the longest job before handing an unacknowledged message to someone else.
-Messages carry only a job id; everything else is read from the job's record.
+The settings are the ones that keep jobs: a message is acknowledged only after its task returns
+(so tasks must be idempotent), a lost worker process puts it back, each process reserves one
+message at a time, and Redis waits longer than the longest job before handing an unacknowledged
+message to someone else. Messages carry only a job id; everything else is read from the job's
+record (``service.core.contract`` types it).
 """
 
 from celery import Celery
 
-from service.jobs import JobKind
-from service.metrics import JOBS_SUBMITTED
-from service.settings import Settings
+from service.core.contract import JobKind
+from service.core.settings import Settings
 
 FINETUNE_QUEUE = "atomtune.finetune"
 GENERATE_QUEUE = "atomtune.generate"
-QUEUES: dict[str, str] = {"finetune": FINETUNE_QUEUE, "generate": GENERATE_QUEUE}
+QUEUES: dict[JobKind, str] = {"finetune": FINETUNE_QUEUE, "generate": GENERATE_QUEUE}
 TASKS: dict[JobKind, str] = {"finetune": "atomtune.finetune", "generate": "atomtune.generate"}
 
 
-def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
-    app = Celery("atomtune", broker=settings.redis_url, include=include or [])
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("atomtune", broker=settings.redis_url)
     transport = {"visibility_timeout": settings.visibility_timeout_seconds}
     app.conf.update(
         task_acks_late=True,
@@ -45,4 +46,3 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
 
 def enqueue(app: Celery, kind: JobKind, job_id: str) -> None:
     app.send_task(TASKS[kind], args=[job_id], queue=QUEUES[kind])
-    JOBS_SUBMITTED.labels(kind).inc()

@@ -69,5 +69,8 @@ def adapter_key(adapter_id: str) -> str:
     return f"{PREFIX}:adapter:{adapter_id}"
 
 
+# Pub/sub: the id of every deleted adapter, for the workers to drop it from their caches.
+ADAPTER_DELETIONS_CHANNEL = f"{PREFIX}:adapter_deletions"
+
 WORKERS_KEY = f"{PREFIX}:workers"
 BASE_MODEL_KEY = f"{PREFIX}:base_model"

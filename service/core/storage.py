@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from service.ids import is_valid_id, new_id
+from service.core.ids import is_valid_id, new_id
 
 ADAPTER_SUBDIR = "adapter"
 ATOMS_FILE = "atoms.json"
@@ -64,21 +64,23 @@ class Storage:
 
 
 def rank_atoms(importance: Mapping[int, Sequence[float]]) -> list[dict[str, Any]]:
-    """Per layer, atoms ordered from most to least important."""
+    """Per block, atoms ordered from most to least important."""
     return [
         {
-            "layer": int(layer),
+            "block": int(block),
             "atoms": [
                 {"atom": atom, "importance": float(score)}
                 for atom, score in sorted(enumerate(scores), key=lambda pair: -pair[1])
             ],
         }
-        for layer, scores in sorted(importance.items())
+        for block, scores in sorted(importance.items())
     ]
 
 
 def write_atoms(adapter_dir: Path, importance: Mapping[int, Sequence[float]]) -> None:
-    (adapter_dir / ATOMS_FILE).write_text(json.dumps(rank_atoms(importance)))
+    """Writes the ranking the atoms route serves; an adapter without importance gets no file."""
+    if importance:
+        (adapter_dir / ATOMS_FILE).write_text(json.dumps(rank_atoms(importance)))
 
 
 def read_atoms(adapter_dir: Path) -> list[dict[str, Any]] | None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import redis
 
-from service.ids import new_id
-from service.redis_db import TENANT_NAMES_KEY, TENANTS_KEY, api_key_key, tenant_key
+from service.core.ids import new_id
+from service.core.redis_db import TENANT_NAMES_KEY, TENANTS_KEY, api_key_key, tenant_key
 
 KEY_PREFIX = "atk"
 # Compared against when a key id is unknown, so a miss costs the same as a wrong secret.

@@ -15,9 +15,9 @@ from typing import Any, Literal
 import redis
 import redis.asyncio as aioredis
 
-from service.redis_db import job_events_key, job_key, tenant_active_jobs_key
+from service.core.contract import JobKind, JobParams, JobResult
+from service.core.redis_db import job_events_key, job_key, tenant_active_jobs_key
 
-JobKind = Literal["finetune", "generate"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 EVENTS_MAXLEN = 1000
@@ -31,6 +31,7 @@ class Job:
     kind: JobKind
     status: JobStatus
     params: dict[str, Any]
+    """As stored: read it with the kind's message class (``service.core.contract``)."""
     adapter_id: str | None
     step: int
     total: int
@@ -41,6 +42,7 @@ class Job:
     error_code: str | None
     error_message: str | None
     result: dict[str, Any] | None
+    """As stored: read it with ``contract.parse_result``."""
     attempts: int
     worker_pid: int | None
     cancel_requested: bool
@@ -202,25 +204,16 @@ class JobStore:
     def active_count(self, tenant_id: str) -> int:
         return int(self.db.scard(tenant_active_jobs_key(tenant_id)))
 
-    def create(
-        self,
-        job_id: str,
-        tenant_id: str,
-        kind: JobKind,
-        params: dict[str, Any],
-        total: int,
-        max_active: int,
-        adapter_id: str | None = None,
-    ) -> Job | None:
+    def create(self, job_id: str, tenant_id: str, params: JobParams, max_active: int) -> Job | None:
         """Records a queued job; None if the tenant already has ``max_active`` jobs queued or running."""
         fields = {
             "tenant_id": tenant_id,
-            "kind": kind,
+            "kind": params.kind,
             "status": "queued",
-            "params": json.dumps(params),
-            "adapter_id": adapter_id or "",
+            "params": params.model_dump_json(),
+            "adapter_id": params.adapter_id or "",
             "step": 0,
-            "total": total,
+            "total": params.total_steps,
             "queued_at": time.time(),
             "attempts": 0,
         }
@@ -262,7 +255,7 @@ class JobStore:
         job_id: str,
         attempt: int,
         status: JobStatus,
-        result: dict[str, Any] | None = None,
+        result: JobResult | None = None,
         error_code: str = "",
         error_message: str = "",
     ) -> str:
@@ -275,7 +268,7 @@ class JobStore:
                     job_id,
                     attempt,
                     status,
-                    json.dumps(result) if result is not None else "",
+                    result.model_dump_json() if result is not None else "",
                     error_code,
                     error_message,
                 ],

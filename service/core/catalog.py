@@ -1,4 +1,8 @@
-"""Adapter records in Redis, listed per tenant in creation order (ULIDs sort by time)."""
+"""Adapter records in Redis, listed per tenant in creation order (ULIDs sort by time).
+
+Deleting a record also publishes its id on ``ADAPTER_DELETIONS_CHANNEL``, in the same transaction,
+so that every worker drops the adapter from its caches (``worker/eviction.py``).
+"""
 
 import json
 import time
@@ -7,8 +11,8 @@ from typing import Any, Literal
 
 import redis
 
-from service.jobs import Job
-from service.redis_db import adapter_key, tenant_adapters_key
+from service.core.jobs import Job
+from service.core.redis_db import ADAPTER_DELETIONS_CHANNEL, adapter_key, tenant_adapters_key
 
 AdapterSource = Literal["trained", "imported"]
 AdapterStatus = Literal["queued", "training", "ready", "failed", "cancelled"]
@@ -35,7 +39,8 @@ class AdapterRecord:
     created_at: float
     ready_at: float | None
     metrics: dict[str, Any] | None
-    layers: list[int] | None
+    blocks: list[int] | None
+    """The transformer blocks the adapter modifies, once it is ready."""
 
     def status(self, job: Job | None) -> AdapterStatus:
         if self.ready_at is not None:
@@ -101,14 +106,14 @@ class AdapterCatalog:
             created_at=float(data["created_at"]),
             ready_at=float(data["ready_at"]) if data.get("ready_at") else None,
             metrics=_json_or_none(data.get("metrics")),
-            layers=_json_or_none(data.get("layers")),
+            blocks=_json_or_none(data.get("blocks")),
         )
 
-    def mark_ready(self, adapter_id: str, config: dict[str, Any], layers: list[int], metrics: dict[str, Any]) -> bool:
+    def mark_ready(self, adapter_id: str, config: dict[str, Any], blocks: list[int], metrics: dict[str, Any]) -> bool:
         """Returns False if the adapter was deleted meanwhile (the caller then discards its files)."""
         fields = {
             "config": json.dumps(config),
-            "layers": json.dumps(layers),
+            "blocks": json.dumps(blocks),
             "metrics": json.dumps(metrics),
             "ready_at": time.time(),
         }
@@ -124,4 +129,13 @@ class AdapterCatalog:
         with self.db.pipeline(transaction=True) as pipe:
             pipe.delete(adapter_key(adapter_id))
             pipe.zrem(tenant_adapters_key(tenant_id), adapter_id)
+            pipe.publish(ADAPTER_DELETIONS_CHANNEL, adapter_id)
             pipe.execute()
+
+    def existing(self, adapter_ids: list[str]) -> set[str]:
+        """Which of the ids still have a record."""
+        with self.db.pipeline(transaction=False) as pipe:
+            for adapter_id in adapter_ids:
+                pipe.exists(adapter_key(adapter_id))
+            found = pipe.execute()
+        return {adapter_id for adapter_id, exists in zip(adapter_ids, found, strict=True) if exists}

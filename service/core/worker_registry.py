@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from service.redis_db import BASE_MODEL_KEY, WORKERS_KEY
+from service.core.redis_db import BASE_MODEL_KEY, WORKERS_KEY
 
 # A worker is alive while its last heartbeat is younger than this many heartbeat periods.
 _MISSED_BEATS = 3

@@ -1,0 +1,159 @@
+"""The contract between the gateway and the workers: per job kind, a typed message for its parameters
+(written by the gateway, read by a worker) and one for its result (written by the worker, read by
+the gateway), and the words and bounds that both sides, the API schemas included, take from here.
+
+Messages travel as JSON in the job's record. Each carries ``schema_version`` and a process reads
+only its own version, so a gateway and a worker of different atomtune versions refuse each other's
+messages with a ``MessageError`` that says so, instead of misreading a field.
+
+The gateway has checked every value before it writes a message (against the API's bounds, the
+adapter's record and the served base); a worker trusts them and checks only the form.
+"""
+
+from typing import Any, ClassVar, Literal, Self, get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+SCHEMA_VERSION = 1
+"""Bump on any change to a message below that a reader of the previous version would misread."""
+
+JobKind = Literal["finetune", "generate"]
+Activation = Literal["topk", "relu", "soft_threshold"]
+ACTIVATIONS: tuple[Activation, ...] = get_args(Activation)
+CacheTier = Literal["device", "host", "storage"]
+"""Where a worker found an adapter: resident on its device, in its host memory, or in storage."""
+AtomMaskMode = Literal["keep", "drop"]
+
+MAX_SEED = 2**32 - 1
+# The engine's own bounds (adapters' MAX_BLOCKS and MAX_ATOMS; a test keeps them equal). The core
+# is torch-free, so they are repeated here rather than imported.
+MAX_BLOCKS = 1024
+MAX_ATOMS = 4096
+
+
+class MessageError(ValueError):
+    """A job message this process cannot read; ``code`` becomes the job's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Message(_Part):
+    what: ClassVar[str]
+    """What the message is, for error messages: "the job's parameters", "the job's result"."""
+
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> Self:
+        """Reads a message of this process's schema version; anything else raises ``MessageError``."""
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise MessageError(
+                "version_mismatch",
+                f"{cls.what} use message schema {version}, but this process reads schema {SCHEMA_VERSION}: "
+                "the gateway and the workers run different atomtune versions; run one version on both",
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "message"
+            raise MessageError(
+                "invalid_message", f"{cls.what} do not match message schema {SCHEMA_VERSION}: {where}: {error['msg']}"
+            ) from None
+
+
+class AdapterSpec(_Part):
+    """The engine configuration a fine-tune asks for (the rest of it comes from the served base)."""
+
+    num_atoms: int
+    density: float
+    activation: Activation
+
+
+class TrainingSpec(_Part):
+    steps: int
+    learning_rate: float
+    seed: int
+    resolution: int | None
+    """Training image side in pixels; None is the base model's own size."""
+    image_count: int
+
+
+class FinetuneParams(Message):
+    kind: ClassVar[JobKind] = "finetune"
+    what: ClassVar[str] = "the job's parameters"
+
+    adapter_id: str
+    """The adapter record the job trains; its uploads folder holds ``images``."""
+    prompt: str
+    adapter: AdapterSpec
+    training: TrainingSpec
+    images: list[str]
+    """File names in the adapter's uploads folder."""
+
+    @property
+    def total_steps(self) -> int:
+        return self.training.steps
+
+
+class AtomMaskSpec(_Part):
+    mode: AtomMaskMode
+    blocks: dict[int, list[int]]
+    """Block index -> distinct atom indices, sorted; blocks not named keep every atom."""
+
+
+class GenerateParams(Message):
+    kind: ClassVar[JobKind] = "generate"
+    what: ClassVar[str] = "the job's parameters"
+
+    prompt: str
+    negative_prompt: str
+    adapter_id: str | None
+    density: float | None
+    atom_mask: AtomMaskSpec | None
+    top_atoms: int | None
+    num_images: int
+    steps: int
+    guidance_scale: float
+    width: int | None
+    height: int | None
+    seed: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps
+
+
+class FinetuneResult(Message):
+    what: ClassVar[str] = "the job's result"
+
+    adapter_id: str
+
+
+class GenerateResult(Message):
+    what: ClassVar[str] = "the job's result"
+
+    image_count: int
+    seed: int
+    adapter_tier: CacheTier | None
+    """Where the adapter was found; None without an adapter."""
+
+
+JobParams = FinetuneParams | GenerateParams
+JobResult = FinetuneResult | GenerateResult
+_RESULTS: dict[JobKind, type[FinetuneResult] | type[GenerateResult]] = {
+    "finetune": FinetuneResult,
+    "generate": GenerateResult,
+}
+
+
+def parse_result(kind: JobKind, data: dict[str, Any]) -> JobResult:
+    return _RESULTS[kind].parse(data)
