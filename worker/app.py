@@ -12,7 +12,13 @@ import threading
 from typing import Any
 
 from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    task_failure,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from service.core import worker_registry
 from service.core.jobs import JobStore
@@ -31,6 +37,7 @@ app.task(name=TASKS["finetune"])(tasks.finetune_task)
 app.task(name=TASKS["generate"])(tasks.generate_task)
 
 _stop_heartbeat = threading.Event()
+_stop_listening = threading.Event()
 
 
 def _heartbeat(name: str) -> None:
@@ -70,7 +77,12 @@ def _start_pool_process(**_: Any) -> None:
             log.exception("loading the base model failed; the next job retries it")
 
     threading.Thread(target=load, name="preload", daemon=True).start()
-    threading.Thread(target=listen_for_deletions, args=(ctx,), name="evictions", daemon=True).start()
+    threading.Thread(target=listen_for_deletions, args=(ctx, _stop_listening), name="evictions", daemon=True).start()
+
+
+@worker_process_shutdown.connect
+def _stop_pool_process(**_: Any) -> None:
+    _stop_listening.set()
 
 
 @task_failure.connect

@@ -7,7 +7,7 @@ is (re)established the process therefore also drops every cached adapter whose r
 """
 
 import logging
-import time
+import threading
 
 from redis.exceptions import RedisError
 
@@ -16,19 +16,25 @@ from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
+# How long a wait for a notice lasts before the stop flag is looked at again.
+POLL_SECONDS = 1.0
 
 
-def listen_for_deletions(ctx: WorkerContext) -> None:
-    """Runs for the life of the process; meant for a daemon thread."""
-    while True:
+def listen_for_deletions(ctx: WorkerContext, stop: threading.Event) -> None:
+    """Drops deleted adapters from ``ctx``'s caches until ``stop`` is set; meant for a thread."""
+    while not stop.is_set():
         try:
             with ctx.db.pubsub() as pubsub:
                 pubsub.subscribe(ADAPTER_DELETIONS_CHANNEL)
-                for message in pubsub.listen():
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=POLL_SECONDS)
+                    if message is None:
+                        continue
+                    # A (re)subscription is confirmed by a message too: the moment to catch up.
                     if message["type"] == "subscribe":
                         ctx.evict_all_deleted()
                     elif message["type"] == "message":
                         ctx.evict(message["data"])
         except RedisError:
             log.warning("listening for deleted adapters failed; retrying", exc_info=True)
-            time.sleep(RETRY_SECONDS)
+            stop.wait(RETRY_SECONDS)

@@ -46,7 +46,7 @@ class _Part(BaseModel):
 
 class Message(_Part):
     what: ClassVar[str]
-    """What the message is, for error messages: "the job's parameters", "the job's result"."""
+    """What the message holds, for error messages: "parameters" or "result"."""
 
     schema_version: int = SCHEMA_VERSION
 
@@ -55,10 +55,11 @@ class Message(_Part):
         """Reads a message of this process's schema version; anything else raises ``MessageError``."""
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
+            written = "no message schema version" if version is None else f"message schema {version}"
             raise MessageError(
                 "version_mismatch",
-                f"{cls.what} use message schema {version}, but this process reads schema {SCHEMA_VERSION}: "
-                "the gateway and the workers run different atomtune versions; run one version on both",
+                f"this job's {cls.what} came with {written}, and this process reads schema {SCHEMA_VERSION} "
+                "only: the gateway and the workers run different atomtune versions; run one version on both",
             )
         try:
             return cls.model_validate(data)
@@ -66,7 +67,8 @@ class Message(_Part):
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"]) or "message"
             raise MessageError(
-                "invalid_message", f"{cls.what} do not match message schema {SCHEMA_VERSION}: {where}: {error['msg']}"
+                "invalid_message",
+                f"this job's {cls.what} cannot be read with message schema {SCHEMA_VERSION} ({where}: {error['msg']})",
             ) from None
 
 
@@ -89,7 +91,7 @@ class TrainingSpec(_Part):
 
 class FinetuneParams(Message):
     kind: ClassVar[JobKind] = "finetune"
-    what: ClassVar[str] = "the job's parameters"
+    what: ClassVar[str] = "parameters"
 
     adapter_id: str
     """The adapter record the job trains; its uploads folder holds ``images``."""
@@ -112,7 +114,7 @@ class AtomMaskSpec(_Part):
 
 class GenerateParams(Message):
     kind: ClassVar[JobKind] = "generate"
-    what: ClassVar[str] = "the job's parameters"
+    what: ClassVar[str] = "parameters"
 
     prompt: str
     negative_prompt: str
@@ -133,13 +135,13 @@ class GenerateParams(Message):
 
 
 class FinetuneResult(Message):
-    what: ClassVar[str] = "the job's result"
+    what: ClassVar[str] = "result"
 
     adapter_id: str
 
 
 class GenerateResult(Message):
-    what: ClassVar[str] = "the job's result"
+    what: ClassVar[str] = "result"
 
     image_count: int
     seed: int

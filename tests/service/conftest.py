@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.core import worker_registry
 from service.core.contract import GenerateParams
@@ -227,3 +228,16 @@ def _generate_params(**fields: object) -> GenerateParams:
 @pytest.fixture(scope="session")
 def generate_params() -> Callable[..., GenerateParams]:
     return _generate_params
+
+
+@pytest.fixture(scope="session")
+def resident_adapters(service_env: dict[str, str]) -> Callable[[], dict[str, float]]:
+    """Reads the worker's ``atomtune_adapters_resident`` gauge: adapters per cache tier."""
+    url = f"http://127.0.0.1:{service_env['ATOMTUNE_WORKER_METRICS_PORT']}/metrics"
+
+    def read() -> dict[str, float]:
+        families = text_string_to_metric_families(httpx.get(url, timeout=10).text)
+        gauge = next(family for family in families if family.name == "atomtune_adapters_resident")
+        return {sample.labels["tier"]: sample.value for sample in gauge.samples}
+
+    return read

@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.core.catalog import AdapterCatalog
-from service.core.contract import ACTIVATIONS, MAX_ATOMS, MAX_BLOCKS, GenerateParams
+from service.core.contract import ACTIVATIONS, MAX_ATOMS, MAX_BLOCKS, SCHEMA_VERSION, GenerateParams, GenerateResult
 from service.core.ids import new_id
 from service.core.jobs import JobStore
 from service.core.queue import make_celery
@@ -207,6 +207,21 @@ def test_atom_masks_refuse_repeated_atoms_and_are_stored_sorted(
     assert job is not None and job.params["atom_mask"]["blocks"] == {"1": [2, 7, 9]}
     assert GenerateParams.parse(job.params).atom_mask.blocks == {1: [2, 7, 9]}  # type: ignore[union-attr]
     jobs.cancel(job_id)
+
+
+def test_a_result_written_by_a_worker_of_another_version_is_refused_with_a_clear_error(
+    new_tenant: Callable[[str], Api], settings: Settings, generate_params: Callable[..., GenerateParams]
+) -> None:
+    api = new_tenant("result-version")
+    jobs = JobStore(connect(settings.redis_url))
+    job_id = new_id()
+    jobs.create(job_id, api.tenant_id, generate_params(steps=1), max_active=4)  # type: ignore[attr-defined]
+    _, attempt = jobs.claim(job_id, pid=0, max_attempts=1)
+    result = GenerateResult(image_count=1, seed=0, adapter_tier=None)
+    assert jobs.finish(job_id, attempt, "succeeded", result.model_copy(update={"schema_version": 99})) == "ok"
+    response = api.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 500 and error_of(response)["code"] == "version_mismatch"
+    assert f"reads schema {SCHEMA_VERSION} only" in error_of(response)["message"]
 
 
 def test_unknown_and_malformed_ids_answer_404(new_tenant: Callable[[str], Api]) -> None:

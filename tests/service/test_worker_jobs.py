@@ -1,4 +1,5 @@
-"""Job execution on the real worker: cancellation, progress events, crashes and redelivery."""
+"""Job execution on the real worker: cancellation, progress events, crashes and redelivery, a
+deleted adapter leaving the worker, and jobs of another version."""
 
 import json
 import os
@@ -9,6 +10,8 @@ from collections.abc import Callable
 import pytest
 from httpx import Client as Api
 
+from service.core.contract import SCHEMA_VERSION, GenerateParams
+from service.core.ids import new_id
 from service.core.jobs import JobStore
 from service.core.queue import enqueue, make_celery
 from service.core.redis_db import connect
@@ -115,3 +118,53 @@ def test_a_redelivered_finished_job_does_not_run_again(new_tenant: Callable[[str
     assert later["status"] == "succeeded"
     time.sleep(0.2)
     assert api.get(f"/v1/jobs/{first['id']}").json() == first
+
+
+def test_a_deleted_adapter_leaves_the_workers_caches_and_a_job_naming_it_fails_cleanly(
+    new_tenant: Callable[[str], Api],
+    wait_job: Callable[..., dict],
+    wait_for: Callable[..., None],
+    image_bytes: Callable[..., bytes],
+    resident_adapters: Callable[[], dict[str, float]],
+) -> None:
+    api = new_tenant("evict")
+    adapter_id, trained = start_training(api, image_bytes, steps=3)
+    assert wait_job(api, trained)["status"] == "succeeded"
+    before = resident_adapters()  # the fresh adapter is resident on the device
+    # A long training holds the only worker process, so a generation naming the adapter waits in
+    # the queue while the adapter is deleted, as one submitted just before a delete would.
+    _, busy = start_training(api, image_bytes, steps=5000)
+    wait_job(api, busy, until=running_with_steps(1))
+    queued = api.post("/v1/generations", json={"prompt": "x", "steps": 2, "adapter_id": adapter_id})
+    assert queued.status_code == 202, queued.text
+    assert api.delete(f"/v1/adapters/{adapter_id}").status_code == 204
+    assert api.delete(f"/v1/jobs/{busy}").status_code == 202
+
+    job = wait_job(api, queued.json()["job_id"])
+    assert job["status"] == "failed"
+    assert job["error"] == {"code": "adapter_deleted", "message": f"adapter '{adapter_id}' was deleted"}
+    wait_for(
+        lambda: resident_adapters()["device"] == before["device"] - 1,
+        30,
+        "the deleted adapter to leave the worker's device",
+    )
+    assert resident_adapters()["host"] == before["host"]
+
+
+def test_a_job_written_by_a_gateway_of_another_version_fails_with_a_clear_error(
+    new_tenant: Callable[[str], Api],
+    wait_job: Callable[..., dict],
+    settings: Settings,
+    generate_params: Callable[..., GenerateParams],
+) -> None:
+    api = new_tenant("versions")
+    job_id = new_id()
+    newer = generate_params(steps=2).model_copy(update={"schema_version": SCHEMA_VERSION + 1})
+    assert JobStore(connect(settings.redis_url)).create(job_id, api.tenant_id, newer, max_active=4) is not None
+    enqueue(make_celery(settings), "generate", job_id)
+    job = wait_job(api, job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "version_mismatch", job
+    assert f"came with message schema {SCHEMA_VERSION + 1}" in job["error"]["message"]
+    # The worker goes on with jobs of its own version.
+    later = api.post("/v1/generations", json={"prompt": "x", "steps": 2}, params={"wait": 60}).json()["job"]
+    assert later["status"] == "succeeded"
