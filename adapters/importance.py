@@ -1,4 +1,4 @@
-"""Atom importance: how much each atom of each layer contributes to the learned update.
+"""Atom importance: how much each atom of each adapted block contributes to the learned update.
 
 importance[block][j] = mean over probe tokens of |s_j| · ‖D_j‖, with s the coefficients after
 σ (and top-k). A coefficient says how much a token uses atom j, ‖D_j‖ how large atom j's

@@ -5,7 +5,7 @@ forward pass: the base, with an adapter (M=256, p=0.04), with PEFT LoRA r=16 on 
 (unmerged), and a batch of 4 samples served by 4 different adapters against a batch of 4 served
 by one. Every variant runs in the same process, interleaved round by round, and the report
 gives medians, and ratios to the base (each the median of per-round ratios) next to the
-adapter's FLOP floor (DESIGN §2).
+adapter's FLOP floor (``flop_floor_ratio``).
 
     python benchmarks/adapter_overhead.py --quick               # CPU, 4 blocks, < 2 minutes
     python benchmarks/adapter_overhead.py                       # CPU, all 28 blocks, 256 px
@@ -58,7 +58,13 @@ DENSITY = 0.04
 
 
 def flop_floor_ratio(tokens: int, channels: int = 1152, atoms: int = ATOMS, text_tokens: int = TEXT_TOKENS) -> float:
-    """Adapter FLOPs over frozen-block FLOPs (DESIGN §2): the least overhead any implementation has."""
+    """Adapter FLOPs over frozen-block FLOPs: the least overhead any implementation has.
+
+    Per block, for N tokens, C channels, M atoms and T text tokens: the frozen block costs
+    2N(4C² + 2C² + 8C²) (self-attention q, k, v, out; cross-attention q, out; the 4C-wide MLP)
+    + 4N²C (self-attention's maps) + 4TC² (cross-attention's k and v); the adapter costs
+    2NCM (X·W_s) + 2N²M (A·S) + 2NMC ((A·S)·D).
+    """
     n, c, m, t = tokens, channels, atoms, text_tokens
     frozen = 2 * n * (4 * c * c + 2 * c * c + 8 * c * c) + 4 * n * n * c + 4 * t * c * c
     adapter = 2 * n * c * m + 2 * n * n * m + 2 * n * m * c

@@ -6,6 +6,8 @@
 - ``worker`` never imports the gateway, only the core and the engine;
 - ``adapters`` (the engine) imports nothing of the service;
 - no import circle among the project's modules.
+
+And the engine's public surface is the one docs/engine-api.md describes.
 """
 
 import ast
@@ -162,3 +164,12 @@ def test_a_worker_process_loads_no_web_framework() -> None:
 def test_the_core_loads_neither_a_web_framework_nor_torch() -> None:
     core = sorted(module for module in MODULES if _room(module) == "core")
     assert _loaded_by("\n".join(f"import {module}" for module in core), (*WEB, "torch")) == []
+
+
+def test_the_engine_api_page_names_every_export() -> None:
+    import re
+
+    import adapters
+
+    documented = set(re.findall(r"^\s{4}(\w+),", (REPO / "docs" / "engine-api.md").read_text(), re.MULTILINE))
+    assert documented == set(adapters.__all__)

@@ -33,7 +33,7 @@ class SparseDictionaryConfig:
     """
 
     num_atoms: int = 256
-    """M, the number of dictionary atoms per adapted layer (paper: 256). Must divide evenly
+    """M, the number of dictionary atoms per adapted block (paper: 256). Must divide evenly
     across the attention heads, because each head mixes its own M/H coefficient channels."""
 
     density: float = 0.04

@@ -26,8 +26,8 @@ class RoutingError(ValueError):
 class SampleRoute:
     """What one generated sample asks of the adapters.
 
-    ``atom_mask`` maps a block index to a boolean keep-mask over that layer's M atoms; blocks
-    not named keep every atom. ``top_atoms`` keeps, in every adapted layer, only the K atoms
+    ``atom_mask`` maps a block index to a boolean keep-mask over that block's M atoms; blocks
+    not named keep every atom. ``top_atoms`` keeps, in every adapted block, only the K atoms
     with the highest stored importance. Both drop atoms after σ, so the remaining atoms keep
     the coefficients they had (the paper's atom-removal edit), rather than letting other
     atoms take the freed places.
@@ -206,7 +206,7 @@ class AdapterHost:
                 continue
             keep = _keep_mask(adapter, block, route)
             if keep is not None and not bool(keep.any()):
-                continue  # every atom dropped: this row is the frozen model in this layer
+                continue  # every atom dropped: this row is the frozen model in this block
             rows_by_adapter.setdefault(route.adapter, []).append((row, route, keep))
 
         # Under autograd the processor needs D's gradient and never uses the fused matrices; with

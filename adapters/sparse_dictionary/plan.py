@@ -18,7 +18,7 @@ Observer = Callable[[int, torch.Tensor], None]
 
 @dataclass
 class GroupPlan:
-    """The rows of a batch that one adapter serves in one layer, and what each row asked for."""
+    """The rows of a batch that one adapter serves in one block, and what each row asked for."""
 
     layer: SparseDictionaryLayer
     config: SparseDictionaryConfig
