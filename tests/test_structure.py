@@ -11,11 +11,14 @@ And the engine's public surface is the one docs/engine-api.md describes.
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import adapters
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("adapters", "service", "worker")
@@ -167,9 +170,5 @@ def test_the_core_loads_neither_a_web_framework_nor_torch() -> None:
 
 
 def test_the_engine_api_page_names_every_export() -> None:
-    import re
-
-    import adapters
-
     documented = set(re.findall(r"^\s{4}(\w+),", (REPO / "docs" / "engine-api.md").read_text(), re.MULTILINE))
     assert documented == set(adapters.__all__)

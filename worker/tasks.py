@@ -36,8 +36,8 @@ from service.core.contract import (
     FinetuneResult,
     GenerateParams,
     GenerateResult,
+    JobError,
     JobResult,
-    MessageError,
 )
 from service.core.jobs import Job, JobStore
 from service.core.storage import ADAPTER_SUBDIR, write_atoms
@@ -46,13 +46,6 @@ from worker.runtime import BaseModelMissing, Runtime
 
 log = logging.getLogger(__name__)
 LOSS_CURVE_POINTS = 100
-
-
-class JobFailed(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class JobCancelled(Exception):
@@ -67,7 +60,7 @@ def _runtime(ctx: WorkerContext) -> Runtime:
     try:
         return ctx.runtime()
     except BaseModelMissing as exc:
-        raise JobFailed("no_base_model", str(exc)) from None
+        raise JobError("no_base_model", str(exc)) from None
 
 
 class Reporter:
@@ -122,7 +115,7 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
             f"the job ran past its {ctx.settings.job_soft_time_limit_seconds} s limit; "
             "use fewer steps or a smaller size"
         )
-    except (JobFailed, MessageError) as exc:
+    except JobError as exc:
         code, message = exc.code, exc.message
     except (AdapterConfigError, AdapterFormatError, RoutingError) as exc:
         code, message = "invalid_job", str(exc)
@@ -139,7 +132,7 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
 def _adapter_of(ctx: WorkerContext, job: Job, adapter_id: str) -> AdapterRecord:
     record = ctx.catalog.get(adapter_id)
     if record is None or record.tenant_id != job.tenant_id:
-        raise JobFailed("adapter_deleted", f"adapter '{adapter_id}' was deleted")
+        raise JobError("adapter_deleted", f"adapter '{adapter_id}' was deleted")
     return record
 
 
@@ -157,7 +150,7 @@ def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> FinetuneResult:
         record = _adapter_of(ctx, job, params.adapter_id)
         uploads = ctx.storage.uploads_dir(job.tenant_id, record.id)
         images = [Image.open(uploads / name).convert("RGB") for name in params.images]
-    except (JobFailed, FileNotFoundError):
+    except (JobError, FileNotFoundError):
         # Deleting the adapter cancels its job, then removes its record and uploads; a training
         # that starts meanwhile finds them gone, which is that cancel, not a fault.
         if ctx.jobs.cancel_requested(job.id) or ctx.catalog.get(params.adapter_id) is None:

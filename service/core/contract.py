@@ -31,13 +31,17 @@ MAX_BLOCKS = 1024
 MAX_ATOMS = 4096
 
 
-class MessageError(ValueError):
-    """A job message this process cannot read; ``code`` becomes the job's error code."""
+class JobError(Exception):
+    """Ends a job as failed, with the ``code`` and ``message`` its owner reads."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class MessageError(JobError, ValueError):
+    """A job message this process cannot read."""
 
 
 class _Part(BaseModel):
