@@ -4,11 +4,13 @@ from adapters.persistence import AdapterFormatError, load_adapter, load_adapter_
 from adapters.sparse_dictionary import (
     AdapterConfigError,
     AdapterHost,
+    GuidanceBranch,
     RoutingError,
     SampleRoute,
     SparseDictionaryAdapter,
     SparseDictionaryConfig,
     base_fingerprint,
+    guided_routes,
 )
 from adapters.tiny import TINY_MAX_SEQUENCE_LENGTH, build_tiny_pipeline, save_tiny_pipeline
 from adapters.training import (
@@ -26,6 +28,7 @@ __all__ = [
     "AdapterConfigError",
     "AdapterFormatError",
     "AdapterHost",
+    "GuidanceBranch",
     "RoutingError",
     "SampleRoute",
     "SparseDictionaryAdapter",
@@ -35,6 +38,7 @@ __all__ = [
     "TrainingResult",
     "base_fingerprint",
     "build_tiny_pipeline",
+    "guided_routes",
     "load_adapter",
     "load_adapter_for_base",
     "save_adapter",

@@ -178,6 +178,8 @@ def submit_generation(services: Services, tenant: Tenant, request: GenerationReq
         for option in ("density", "atom_mask", "top_atoms"):
             if getattr(request, option) is not None:
                 raise invalid(f"{option} applies to an adapter; give adapter_id too")
+        if "adapter_guidance" in request.model_fields_set:
+            raise invalid("adapter_guidance applies to an adapter; give adapter_id too")
     else:
         record = owned_adapter(request.adapter_id, tenant, services)
         _check_adapter(request, record, services)
@@ -189,6 +191,7 @@ def submit_generation(services: Services, tenant: Tenant, request: GenerationReq
         density=request.density,
         atom_mask=atom_mask,
         top_atoms=request.top_atoms,
+        adapter_guidance=request.adapter_guidance,
         num_images=request.num_images,
         steps=request.steps,
         guidance_scale=request.guidance_scale,

@@ -13,6 +13,7 @@ from adapters import (
     SampleRoute,
     SparseDictionaryAdapter,
     SparseDictionaryConfig,
+    guided_routes,
 )
 from adapters.sparse_dictionary.kernels import fused_attention, linear_with_slack, reference_attention
 from adapters.tiny import build_tiny_transformer
@@ -237,6 +238,26 @@ def test_routes_tile_over_a_guidance_doubled_batch(transformer: PixArtTransforme
     with host.route([SampleRoute("x"), SampleRoute(None), SampleRoute("x"), SampleRoute(None)]):
         explicit = forward(transformer, batch)
     assert torch.equal(tiled, explicit)
+
+
+@pytest.mark.parametrize("branch", ["conditional", "unconditional", "both"])
+def test_guided_routes_put_the_adapter_on_one_guidance_branch(
+    transformer: PixArtTransformer2DModel, branch: str
+) -> None:
+    host = AdapterHost(transformer)
+    host.add("x", trained_like(transformer, seed=11))
+    batch = inputs(4)  # two samples: rows [unconditional 0, 1; conditional 0, 1]
+    base = forward(transformer, batch)
+    with host.route([SampleRoute("x")]):
+        adapted = forward(transformer, batch)
+    with host.route(guided_routes([SampleRoute("x"), SampleRoute("x")], branch)):  # type: ignore[arg-type]
+        guided = forward(transformer, batch)
+    acting = {"unconditional": [0, 1], "conditional": [2, 3], "both": [0, 1, 2, 3]}[branch]
+    for row in range(4):
+        expected = adapted if row in acting else base
+        assert relative_error(guided[row], expected[row]) < 1e-5
+    with pytest.raises(RoutingError, match="branch must be one of"):
+        guided_routes([SampleRoute("x")], "positive")  # type: ignore[arg-type]
 
 
 def test_switching_resident_adapters_copies_no_weights(transformer: PixArtTransformer2DModel) -> None:

@@ -25,6 +25,7 @@ from adapters import (
     SparseDictionaryConfig,
     TrainingCancelled,
     TrainingConfig,
+    guided_routes,
     load_adapter,
     save_adapter,
     train_adapter,
@@ -238,7 +239,11 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> GenerateResult
                 atom_mask=_atom_mask(params.atom_mask, runtime.host.get(record.id).config.num_atoms),
                 top_atoms=params.top_atoms,
             )
-        with runtime.host.route([route] * params.num_images), ctx.metrics.denoising():
+        routes = [route] * params.num_images
+        if params.guidance_scale > 1:
+            # The pipeline runs classifier-free guidance only above a scale of 1.
+            routes = guided_routes(routes, params.adapter_guidance)
+        with runtime.host.route(routes), ctx.metrics.denoising():
             images = runtime.pipeline(
                 prompt=params.prompt,
                 negative_prompt=params.negative_prompt,

@@ -11,13 +11,22 @@ from adapters.sparse_dictionary.config import (
     density_to_k,
 )
 from adapters.sparse_dictionary.layer import SparseDictionaryAdapter
-from adapters.sparse_dictionary.model import AdapterHost, RoutingError, SampleRoute
+from adapters.sparse_dictionary.model import (
+    GUIDANCE_BRANCHES,
+    AdapterHost,
+    GuidanceBranch,
+    RoutingError,
+    SampleRoute,
+    guided_routes,
+)
 from adapters.sparse_dictionary.processor import SparseDictionaryAttnProcessor
 
 __all__ = [
     "ACTIVATIONS",
+    "GUIDANCE_BRANCHES",
     "AdapterConfigError",
     "AdapterHost",
+    "GuidanceBranch",
     "RoutingError",
     "SampleRoute",
     "SparseDictionaryAdapter",
@@ -25,4 +34,5 @@ __all__ = [
     "SparseDictionaryConfig",
     "base_fingerprint",
     "density_to_k",
+    "guided_routes",
 ]

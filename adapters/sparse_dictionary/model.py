@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,6 +38,27 @@ class SampleRoute:
     density: float | None = None
     atom_mask: dict[int, torch.Tensor] | None = None
     top_atoms: int | None = None
+
+
+GuidanceBranch = Literal["conditional", "unconditional", "both"]
+GUIDANCE_BRANCHES: tuple[GuidanceBranch, ...] = ("conditional", "unconditional", "both")
+
+
+def guided_routes(routes: Sequence[SampleRoute], branch: GuidanceBranch) -> list[SampleRoute]:
+    """Routes for a classifier-free-guidance batch, which stacks [unconditional; conditional].
+
+    ``branch`` says which half the adapters act on. The update is nearly independent of the
+    prompt, so on both halves it mostly cancels out of the guidance term (conditional −
+    unconditional) and reaches the image at weight 1; on the conditional half only it is
+    amplified by the guidance scale like the prompt itself. The unconditional half alone pushes
+    the image away from the adapter's concept (a negative).
+    """
+    if branch not in GUIDANCE_BRANCHES:
+        raise RoutingError(f"branch must be one of {GUIDANCE_BRANCHES}, got {branch!r}")
+    plain = [SampleRoute()] * len(routes)
+    unconditional = list(routes) if branch in ("unconditional", "both") else plain
+    conditional = list(routes) if branch in ("conditional", "both") else plain
+    return unconditional + conditional
 
 
 class AdapterHost:

@@ -16,6 +16,7 @@ from service.core.contract import (
     AtomMaskMode,
     CacheTier,
     FinetuneResult,
+    GuidanceBranch,
     JobKind,
     parse_result,
 )
@@ -126,6 +127,12 @@ class GenerationRequest(BaseModel):
     density: float | None = Field(default=None, gt=0, le=1, description="Overrides the adapter's density")
     atom_mask: AtomMask | None = None
     top_atoms: int | None = Field(default=None, ge=1, description="Keep the K most important atoms per block")
+    adapter_guidance: GuidanceBranch = Field(
+        default="conditional",
+        description="Which classifier-free-guidance branch the adapter acts on: `conditional` (the default: the "
+        "guidance scale amplifies the adapter like the prompt), `both` (the adapter at weight 1) or "
+        "`unconditional` (steers away from the adapter's concept)",
+    )
     num_images: int = Field(default=1, ge=1, le=4)
     steps: int = Field(default=20, ge=1, le=100)
     guidance_scale: float = Field(default=4.5, ge=0, le=20)

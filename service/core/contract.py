@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bump on any change to a message below that a reader of the previous version would misread."""
 
 JobKind = Literal["finetune", "generate"]
@@ -23,6 +23,9 @@ ACTIVATIONS: tuple[Activation, ...] = get_args(Activation)
 CacheTier = Literal["device", "host", "storage"]
 """Where a worker found an adapter: resident on its device, in its host memory, or in storage."""
 AtomMaskMode = Literal["keep", "drop"]
+GuidanceBranch = Literal["conditional", "unconditional", "both"]
+"""Which half of a classifier-free-guidance batch an adapter acts on (the engine's ``guided_routes``)."""
+GUIDANCE_BRANCHES: tuple[GuidanceBranch, ...] = get_args(GuidanceBranch)
 
 MAX_SEED = 2**32 - 1
 # The engine's own bounds (adapters' MAX_BLOCKS and MAX_ATOMS; a test keeps them equal). The core
@@ -126,6 +129,7 @@ class GenerateParams(Message):
     density: float | None
     atom_mask: AtomMaskSpec | None
     top_atoms: int | None
+    adapter_guidance: GuidanceBranch
     num_images: int
     steps: int
     guidance_scale: float

@@ -14,7 +14,15 @@ from PIL import Image
 
 from service.app import create_app
 from service.core.catalog import AdapterCatalog
-from service.core.contract import ACTIVATIONS, MAX_ATOMS, MAX_BLOCKS, SCHEMA_VERSION, GenerateParams, GenerateResult
+from service.core.contract import (
+    ACTIVATIONS,
+    GUIDANCE_BRANCHES,
+    MAX_ATOMS,
+    MAX_BLOCKS,
+    SCHEMA_VERSION,
+    GenerateParams,
+    GenerateResult,
+)
 from service.core.ids import new_id
 from service.core.jobs import JobStore
 from service.core.queue import make_celery
@@ -135,6 +143,8 @@ def _encode(content: object) -> bytes:
         ({"prompt": "p", "num_images": 5}, {}, 422, "num_images: Input should be less than or equal to 4"),
         ({"prompt": "p", "density": 0.5}, {}, 422, "density applies to an adapter"),
         ({"prompt": "p", "top_atoms": 3}, {}, 422, "top_atoms applies to an adapter"),
+        ({"prompt": "p", "adapter_guidance": "both"}, {}, 422, "adapter_guidance applies to an adapter"),
+        ({"prompt": "p", "adapter_guidance": "positive"}, {}, 422, "adapter_guidance: Input should be"),
         ({"prompt": "p", "adapter_id": UNKNOWN_ID}, {}, 404, f"adapter '{UNKNOWN_ID}' does not exist"),
         ({"prompt": "p", "adapter_id": "../../etc"}, {}, 404, "does not exist"),
         ({"prompt": "p", "width": 100}, {}, 422, "width must be a multiple of 16"),
@@ -169,9 +179,11 @@ def test_atom_mask_bounds_and_activations_are_the_engines() -> None:
     from adapters.persistence import MAX_BLOCKS as ENGINE_MAX_BLOCKS
     from adapters.sparse_dictionary.config import ACTIVATIONS as ENGINE_ACTIVATIONS
     from adapters.sparse_dictionary.config import MAX_ATOMS as ENGINE_MAX_ATOMS
+    from adapters.sparse_dictionary.model import GUIDANCE_BRANCHES as ENGINE_GUIDANCE_BRANCHES
 
     assert (MAX_BLOCKS, MAX_ATOMS) == (ENGINE_MAX_BLOCKS, ENGINE_MAX_ATOMS)
     assert ACTIVATIONS == ENGINE_ACTIVATIONS
+    assert GUIDANCE_BRANCHES == ENGINE_GUIDANCE_BRANCHES
 
 
 @pytest.fixture
