@@ -1,10 +1,15 @@
 """``atomtune``: serve the gateway, run a worker, manage tenants, or bring everything up at once."""
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from types import FrameType
 
 import redis
 
@@ -38,25 +43,54 @@ def _worker(args: argparse.Namespace) -> int:
     if unknown or not names:
         print(f"atomtune worker: --queues takes {', '.join(QUEUES)}; got {args.queues!r}", file=sys.stderr)
         return 2
+    if len(set(names)) > 1:
+        return _worker_per_queue(args, settings.worker_metrics_port)
     from worker.app import app
 
+    if names[0] == "generate":
+        # One process, its scheduler batching the generations that its threads take.
+        pool = ["--pool", "threads", "--concurrency", str(settings.max_batch)]
+    else:
+        pool = ["--pool", "prefork", "--concurrency", str(args.concurrency)]
     app.worker_main(
         [
             "worker",
             "--queues",
-            ",".join(QUEUES[q] for q in names),
-            "--concurrency",
-            str(args.concurrency),
-            "--pool",
-            "prefork",
+            QUEUES[names[0]],
+            *pool,
             "--loglevel",
             args.loglevel,
             # Unique per process, so several workers on one machine never share a name.
             "--hostname",
-            args.hostname or f"atomtune-{uuid.uuid4().hex[:8]}@%h",
+            args.hostname or f"atomtune-{names[0]}-{uuid.uuid4().hex[:8]}@%h",
         ]
     )
     return 0
+
+
+def _worker_per_queue(args: argparse.Namespace, metrics_port: int) -> int:
+    """Both queues: a worker per queue, so that a training never holds up generations; each holds
+    its own copy of the model. Signals are passed on to both; when one exits, the other is stopped."""
+    command = [sys.executable, "-m", "service.cli", "worker", "--loglevel", args.loglevel]
+    # The generation worker serves its metrics on the port; the fine-tuning one's pool processes after it.
+    finetune_env = {**os.environ, "ATOMTUNE_WORKER_METRICS_PORT": str(metrics_port + 1 if metrics_port else 0)}
+    children = [
+        subprocess.Popen([*command, "--queues", "generate"]),
+        subprocess.Popen([*command, "--queues", "finetune", "--concurrency", str(args.concurrency)], env=finetune_env),
+    ]
+
+    def forward(signum: int, _: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    while all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    forward(signal.SIGTERM, None)
+    codes = [child.wait() for child in children]
+    return next((code for code in codes if code), 0)
 
 
 def _tenants() -> TenantStore:
@@ -107,10 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--loglevel", default="info")
     serve.set_defaults(func=_serve)
 
-    worker = commands.add_parser("worker", help="run a Celery worker that holds the base model")
-    worker.add_argument("--queues", default=",".join(QUEUES), help="finetune, generate or both (default)")
+    worker = commands.add_parser("worker", help="run Celery workers that hold the base model")
     worker.add_argument(
-        "--concurrency", type=int, default=1, help="pool processes; each holds its own copy of the model"
+        "--queues", default=",".join(QUEUES), help="finetune, generate or both (default: a worker for each)"
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="fine-tuning pool processes, each with its own copy of the model (generations: ATOMTUNE_MAX_BATCH)",
     )
     worker.add_argument("--hostname", help="Celery node name (default: unique per process)")
     worker.add_argument("--loglevel", default="info")

@@ -1,28 +1,40 @@
 """The Celery application of the workers: ``celery -A worker.app worker`` (or ``atomtune worker``).
 
 It registers the task bodies of ``worker.tasks`` under the queue contract's names, and wires in
-through signals what Celery does not do by itself: a heartbeat the gateway's ``/readyz`` reads;
-in each pool process, the metrics server, loading the base model as soon as it starts, and
-listening for deleted adapters; and recording a hard time limit in the job (the process that ran
-it is gone, so only the parent can).
+through signals what Celery does not do by itself: a heartbeat the gateway's ``/readyz`` reads,
+and with it the recovery of jobs whose worker died; in each process that runs jobs (a prefork
+pool process, or the worker itself with the thread pool of a generation worker), the metrics
+server, loading the base model as soon as it starts, and listening for deleted adapters; and
+recording a hard time limit in the job (the process that ran it is gone, so only the parent can).
+
+Recovery: a thread pool runs its tasks in the worker's own process, so a SIGKILL leaves no parent
+to put their messages back, and Redis returns an unacknowledged message only after the visibility
+timeout (longer than the longest job). So every worker, at each heartbeat, looks for claimed jobs
+whose holder's heartbeat has stopped, and puts each back with a new message under the next
+delivery number (``JobStore.recover``); a claim refuses any message with an older number, so the
+dead worker's own message, when Redis finally returns it, never runs the job a second time.
 """
 
 import logging
 import threading
 from typing import Any
 
+from celery.concurrency import get_implementation
+from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.exceptions import TimeLimitExceeded
 from celery.signals import (
     task_failure,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
 )
+from redis.exceptions import RedisError
 
 from service.core import worker_registry
 from service.core.jobs import JobStore
-from service.core.queue import TASKS, make_celery
+from service.core.queue import TASKS, enqueue, make_celery
 from service.core.redis_db import connect
 from service.core.settings import get_settings
 from worker import tasks
@@ -42,14 +54,31 @@ _stop_listening = threading.Event()
 
 def _heartbeat(name: str) -> None:
     db = connect(settings.redis_url)
+    jobs = JobStore(db)
     while True:
         try:
             worker_registry.beat(db, name)
+            recover_orphans(jobs, name)
         except Exception:
             log.warning("heartbeat to Redis failed; retrying", exc_info=True)
         if _stop_heartbeat.wait(settings.worker_heartbeat_seconds):
             break
     worker_registry.leave(db, name)
+
+
+def recover_orphans(jobs: JobStore, name: str) -> None:
+    """Puts back every claimed job whose worker's heartbeat has stopped, each with a fresh message."""
+    cutoff = worker_registry.cutoff(settings.worker_heartbeat_seconds)
+    for job_id in jobs.orphans(cutoff):
+        try:
+            recovered = jobs.recover(job_id, cutoff, name)
+            if recovered is not None:
+                kind, delivery = recovered
+                enqueue(app, kind, job_id, delivery)
+                log.warning("job %s lost its worker; queued it again (delivery %d)", job_id, delivery)
+        except RedisError:
+            # This worker now holds the job; if it dies before sending, the next recovery finds it.
+            log.warning("recovering job %s failed; retrying at the next heartbeat", job_id, exc_info=True)
 
 
 @worker_ready.connect
@@ -60,6 +89,15 @@ def _start_heartbeat(sender: Any, **_: Any) -> None:
 @worker_shutdown.connect
 def _leave(**_: Any) -> None:
     _stop_heartbeat.set()
+    _stop_listening.set()
+
+
+@worker_init.connect
+def _start_thread_pool_worker(sender: Any, **_: Any) -> None:
+    # Prefork pool processes start their own (below); the thread pool runs jobs in this process.
+    pool = get_implementation(sender.pool_cls)
+    if not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
+        _start_pool_process()
 
 
 @worker_process_init.connect

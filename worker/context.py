@@ -16,6 +16,7 @@ from service.core.storage import Storage
 from service.core.worker_registry import publish_base
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
+from worker.scheduler import GenerationScheduler
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class WorkerContext:
         self.storage = storage or Storage(settings.data_dir)
         self.metrics = WorkerMetrics()
         self._runtime: Runtime | None = None
+        self._scheduler: GenerationScheduler | None = None
         self._runtime_lock = threading.Lock()
 
     def runtime(self) -> Runtime:
@@ -45,13 +47,21 @@ class WorkerContext:
                 self._runtime = runtime
             return self._runtime
 
+    def scheduler(self) -> GenerationScheduler:
+        """The process's generation scheduler (its loop thread starts with it), over the runtime."""
+        runtime = self.runtime()
+        with self._runtime_lock:
+            if self._scheduler is None:
+                self._scheduler = GenerationScheduler(runtime, self.settings, self.jobs, self.metrics)
+            return self._scheduler
+
     @property
     def loaded_runtime(self) -> Runtime | None:
         """The runtime if it has loaded, without waiting for or starting a load."""
         return self._runtime
 
     def evict(self, adapter_id: str) -> None:
-        """Drops a deleted adapter from the device and host tiers (after the running job, if any)."""
+        """Drops a deleted adapter from the device and host tiers (once no running request uses it)."""
         runtime = self._runtime
         if runtime is None:
             return

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
-from typing import Any
 
 import torch
 from billiard.process import current_process
@@ -39,8 +38,21 @@ from worker.runtime import Runtime
 log = logging.getLogger(__name__)
 # Prometheus stores each `_created` sample as one more series; nothing here reads them.
 disable_created_metrics()
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Label values of the step time's `rows`: batch sizes in powers of two, so the set stays small.
+ROW_CLASSES = ("1", "2", "3-4", "5-8", "9-16", "17-32", "33-64", "65+")
+JOB_KINDS = ("finetune", "generate")
+OUTCOMES = ("succeeded", "failed", "cancelled")
 _JOB_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 Progress = Callable[[int, int, float | None], None]
+
+
+def row_class(rows: int) -> str:
+    """The step-time label of a batch of ``rows``: its power-of-two class in ``ROW_CLASSES``."""
+    for label in ROW_CLASSES[:-1]:
+        if rows <= int(label.split("-")[-1]):
+            return label
+    return ROW_CLASSES[-1]
 
 
 class _RuntimeCollector(Collector):
@@ -56,6 +68,10 @@ class _RuntimeCollector(Collector):
         allocated = GaugeMetricFamily(
             "atomtune_device_memory_allocated_bytes", "Accelerator memory held by tensors (CUDA devices only)."
         )
+        adapter_bytes = GaugeMetricFamily(
+            "atomtune_adapter_device_bytes",
+            "Device bytes the resident adapters hold, everything kept for them counted.",
+        )
         reserved = GaugeMetricFamily(
             "atomtune_device_memory_reserved_bytes",
             "Accelerator memory reserved by PyTorch's caching allocator (CUDA devices only).",
@@ -64,10 +80,12 @@ class _RuntimeCollector(Collector):
         if runtime is not None:
             for tier, count in runtime.cache.resident().items():
                 resident.add_metric([tier], count)
+            adapter_bytes.add_metric([], runtime.cache.device_bytes())
             if runtime.device.type == "cuda":
                 allocated.add_metric([], torch.cuda.memory_allocated(runtime.device))
                 reserved.add_metric([], torch.cuda.memory_reserved(runtime.device))
         yield resident
+        yield adapter_bytes
         yield allocated
         yield reserved
 
@@ -78,10 +96,9 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.runtime: Runtime | None = None
-        # Set by the transformer's hooks: whether a generation runs, and when its forward began.
-        self._denoising = False
+        # Set for one generation step, so the atom-use observer samples it once.
         self._sample_atoms = False
-        self._step_started = 0.0
+        self._synchronize = False
         ProcessCollector(registry=self.registry)
         self.registry.register(_RuntimeCollector(self))
         registry = self.registry
@@ -101,14 +118,32 @@ class WorkerMetrics:
         )
         self.step_duration = Histogram(
             "atomtune_denoising_step_seconds",
-            "One denoising step of a generation: a forward pass of the transformer.",
+            "One denoising forward pass of the generation batch, by the batch's rows.",
+            ["rows"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=registry,
         )
         self.batch_size = Histogram(
             "atomtune_batch_size",
-            "Rows in one denoising forward pass (images per request, doubled by classifier-free guidance).",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
+            "Rows in one denoising step: every request's images, doubled by classifier-free guidance.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.batch_requests = Histogram(
+            "atomtune_batch_requests",
+            "Generation requests in one denoising step.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.batch_adapters = Histogram(
+            "atomtune_batch_adapters",
+            "Distinct adapters in one denoising step (0: only the base model).",
+            buckets=(0, *BATCH_BUCKETS),
+            registry=registry,
+        )
+        self.batch_capacity = Gauge(
+            "atomtune_batch_capacity_rows",
+            "Most rows in one denoising step (ATOMTUNE_MAX_BATCH); occupancy is rows per step over this.",
             registry=registry,
         )
         self.cache_hits = Counter(
@@ -150,24 +185,23 @@ class WorkerMetrics:
         self.worker_info = Info(
             "atomtune_worker", "The worker's base model, device, dtype and atomtune version.", registry=registry
         )
+        # Every label set exists from the start, at zero: a ratio such as the cache hit rate would
+        # otherwise have no series, and so no value, until its first miss.
+        for kind in JOB_KINDS:
+            for outcome in OUTCOMES:
+                self.job_duration.labels(kind, outcome)
+                self.queue_wait.labels(kind, outcome)
+        for tier in ("device", "host"):
+            self.cache_hits.labels(tier)
+            self.cache_misses.labels(tier)
+        for tier in ("host", "storage"):
+            self.adapter_load.labels(tier)
+        for rows in ROW_CLASSES:
+            self.step_duration.labels(rows)
 
     def instrument(self, runtime: Runtime, settings: Settings) -> None:
-        """Hooks the process's runtime: step time, batch size, atom use, residency, memory, info."""
-        synchronize = runtime.device.type == "cuda"
-
-        def before(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self._denoising:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self.batch_size.observe(hidden.shape[0])
-                self._sample_atoms = True
-                self._step_started = time.perf_counter()
-
-        def after(*_: Any) -> None:
-            if self._denoising:
-                if synchronize:
-                    # Kernels run asynchronously; without waiting this would time only their launch.
-                    torch.cuda.synchronize(runtime.device)
-                self.step_duration.observe(time.perf_counter() - self._step_started)
+        """Hooks the process's runtime: atom use, residency, memory, info."""
+        self._synchronize = runtime.device.type == "cuda"
 
         def observe_atoms(_block: int, coefficients: torch.Tensor) -> None:
             # One sample per step: counting forces a device sync, and every adapted block would repeat it.
@@ -175,10 +209,9 @@ class WorkerMetrics:
                 self._sample_atoms = False
                 self.atoms_active.observe((coefficients != 0).sum(-1).float().mean().item())
 
-        runtime.pipeline.transformer.register_forward_pre_hook(before, with_kwargs=True)
-        runtime.pipeline.transformer.register_forward_hook(after)
         runtime.host.add_observer(observe_atoms)
         self.runtime = runtime
+        self.batch_capacity.set(settings.max_batch)
         self.worker_info.info(
             {
                 "model": settings.base_model or "",
@@ -189,14 +222,21 @@ class WorkerMetrics:
         )
 
     @contextmanager
-    def denoising(self) -> Iterator[None]:
-        """Marks the transformer's forward passes inside as generation steps (not training or probes)."""
-        self._denoising = True
+    def denoising_step(self, rows: int, requests: int, adapters: int) -> Iterator[None]:
+        """Times the generation batch's forward pass inside and records its make-up."""
+        self._sample_atoms = True
+        started = time.perf_counter()
         try:
             yield
         finally:
-            self._denoising = False
             self._sample_atoms = False
+        if self._synchronize:
+            # Kernels run asynchronously; without waiting this would time only their launch.
+            torch.cuda.synchronize(self.runtime.device if self.runtime else None)
+        self.step_duration.labels(row_class(rows)).observe(time.perf_counter() - started)
+        self.batch_size.observe(rows)
+        self.batch_requests.observe(requests)
+        self.batch_adapters.observe(adapters)
 
     def adapter_acquired(self, hit: CacheHit) -> None:
         if hit.tier == "device":
@@ -228,11 +268,15 @@ class WorkerMetrics:
 
         return progress
 
-    def job_finished(self, job: Job, outcome: str) -> None:
-        """Records a job this process claimed (``job`` as read after the claim) and ran to ``outcome``."""
+    def job_finished(self, job: Job, outcome: str, started_at: float | None = None) -> None:
+        """Records a job this process claimed (``job`` as read after the claim) and ran to ``outcome``.
+
+        ``started_at`` is when it began to make progress, if later than its claim: a generation waits
+        for a place in the batch after its claim, and that wait is queue wait too."""
         assert job.started_at is not None
+        started = max(started_at or job.started_at, job.started_at)
         self.job_duration.labels(job.kind, outcome).observe(max(time.time() - job.started_at, 0.0))
-        self.queue_wait.labels(job.kind, outcome).observe(max(job.started_at - job.queued_at, 0.0))
+        self.queue_wait.labels(job.kind, outcome).observe(max(started - job.queued_at, 0.0))
 
     def serve(self, settings: Settings) -> None:
         """Starts this pool process's metrics server; a port in use is logged, never fatal to the worker."""

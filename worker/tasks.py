@@ -9,10 +9,10 @@ replace the final ones when complete.
 
 import logging
 import os
+import time
 from collections.abc import Callable
-from typing import Any
 
-import torch
+from celery import current_task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from PIL import Image
 from redis.exceptions import RedisError
@@ -21,18 +21,15 @@ from adapters import (
     AdapterConfigError,
     AdapterFormatError,
     RoutingError,
-    SampleRoute,
     SparseDictionaryConfig,
     TrainingCancelled,
     TrainingConfig,
-    guided_routes,
     load_adapter,
     save_adapter,
     train_adapter,
 )
 from service.core.catalog import AdapterRecord
 from service.core.contract import (
-    AtomMaskSpec,
     FinetuneParams,
     FinetuneResult,
     GenerateParams,
@@ -44,17 +41,10 @@ from service.core.jobs import Job, JobStore
 from service.core.storage import ADAPTER_SUBDIR, write_atoms
 from worker.context import WorkerContext, context
 from worker.runtime import BaseModelMissing, Runtime
+from worker.scheduler import AdapterChoice, Generation, JobCancelled, Superseded, Ticket
 
 log = logging.getLogger(__name__)
 LOSS_CURVE_POINTS = 100
-
-
-class JobCancelled(Exception):
-    pass
-
-
-class Superseded(Exception):
-    """A redelivery of this job has taken over; this run must stop without writing anything."""
 
 
 def _runtime(ctx: WorkerContext) -> Runtime:
@@ -72,6 +62,9 @@ class Reporter:
         self.job_id = job_id
         self.attempt = attempt
         self.cancel = jobs.cancel_requested(job_id)
+        self.progressing_since: float | None = None
+        """When the job began to make progress, where that is later than its claim (a generation
+        waits for its place in the batch)."""
 
     def progress(self, step: int, total: int, loss: float | None = None) -> None:
         reply = self.jobs.progress(self.job_id, self.attempt, step, total, loss)
@@ -86,15 +79,17 @@ class Reporter:
 Body = Callable[[WorkerContext, Job, Reporter], JobResult]
 
 
-def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
+def run_job(ctx: WorkerContext, job_id: str, body: Body, worker: str = "", delivery: int = 0) -> None:
     """Runs the job's body between its claim and its finish.
 
+    ``worker`` (the Celery node name) is recorded as the job's holder, whose heartbeat recovery
+    watches; ``delivery`` is the message's delivery number, which fences off stale messages.
     Celery acknowledges a task that raises, which would drop the job's only message. So if Redis
     fails the claim or the finish, the message is put back instead: its redelivery claims the job
     again (a further attempt, so the attempt cap also bounds this) or finds it already ended.
     """
     try:
-        outcome, attempt = ctx.jobs.claim(job_id, os.getpid(), ctx.settings.max_job_attempts)
+        outcome, attempt = ctx.jobs.claim(job_id, os.getpid(), ctx.settings.max_job_attempts, worker, delivery)
         job = ctx.jobs.get(job_id) if outcome == "claimed" else None
     except RedisError as exc:
         raise Reject(f"claiming job {job_id} failed: {exc}", requeue=True) from exc
@@ -102,8 +97,9 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
         log.info("job %s not run: %s", job_id, outcome)
         return
     status, result, code, message = "failed", None, "", ""
+    reporter = Reporter(ctx.jobs, job_id, attempt)
     try:
-        result = body(ctx, job, Reporter(ctx.jobs, job_id, attempt))
+        result = body(ctx, job, reporter)
         status = "succeeded"
     except (TrainingCancelled, JobCancelled):
         status = "cancelled"
@@ -127,7 +123,7 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body) -> None:
         ctx.jobs.finish(job_id, attempt, status, result=result, error_code=code, error_message=message)  # type: ignore[arg-type]
     except RedisError as exc:
         raise Reject(f"recording the end of job {job_id} failed: {exc}", requeue=True) from exc
-    ctx.metrics.job_finished(job, status)
+    ctx.metrics.job_finished(job, status, reporter.progressing_since)
 
 
 def _adapter_of(ctx: WorkerContext, job: Job, adapter_id: str) -> AdapterRecord:
@@ -193,80 +189,62 @@ def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> FinetuneResult:
             # Its owner deleted it while it trained, which also asked the job to stop.
             ctx.storage.remove_adapter(job.tenant_id, record.id)
             raise JobCancelled
-        # Keep the fresh adapter resident: the first generation with it usually follows at once.
-        runtime.cache.insert(record.id, adapter)
+    # Generations run on the generation worker, which loads the adapter on its first use.
     return FinetuneResult(adapter_id=record.id)
 
 
-def _atom_mask(spec: AtomMaskSpec | None, num_atoms: int) -> dict[int, torch.Tensor] | None:
-    if spec is None:
-        return None
-    keep = spec.mode == "keep"
-    masks = {}
-    for block, atoms in spec.blocks.items():
-        mask = torch.full((num_atoms,), not keep, dtype=torch.bool)
-        mask[torch.tensor(atoms, dtype=torch.long)] = keep
-        masks[block] = mask
-    return masks
-
-
 def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> GenerateResult:
+    """Hands the generation to the process's scheduler, waits for its last step, stores its images."""
     params = GenerateParams.parse(job.params)
     runtime = _runtime(ctx)
-
-    def on_step(step: int, _timestep: Any, _latents: torch.Tensor) -> None:
-        reporter.progress(step + 1, params.steps)
-        if reporter.should_stop():
-            raise JobCancelled
-
-    with runtime.lock:
-        tier = None
-        route = SampleRoute()
-        if params.adapter_id is not None:
-            record = _adapter_of(ctx, job, params.adapter_id)
-            folder = ctx.storage.adapter_dir(job.tenant_id, record.id) / ADAPTER_SUBDIR
-            hit = runtime.cache.acquire(
-                record.id,
-                lambda: load_adapter(
-                    folder, expected_fingerprint=runtime.fingerprint, max_bytes=ctx.settings.max_adapter_bytes
-                ),
-            )
-            tier = hit.tier
-            ctx.metrics.adapter_acquired(hit)
-            route = SampleRoute(
-                adapter=record.id,
-                density=params.density,
-                atom_mask=_atom_mask(params.atom_mask, runtime.host.get(record.id).config.num_atoms),
-                top_atoms=params.top_atoms,
-            )
-        routes = [route] * params.num_images
-        if params.guidance_scale > 1:
-            # The pipeline runs classifier-free guidance only above a scale of 1.
-            routes = guided_routes(routes, params.adapter_guidance)
-        with runtime.host.route(routes), ctx.metrics.denoising():
-            images = runtime.pipeline(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
-                num_images_per_prompt=params.num_images,
-                num_inference_steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                width=params.width,
-                height=params.height,
-                generator=torch.Generator().manual_seed(params.seed),
-                use_resolution_binning=False,
-                clean_caption=False,
-                max_sequence_length=runtime.max_sequence_length,
-                callback=on_step,
-            ).images
+    scheduler = ctx.scheduler()
+    choice = None
+    if params.adapter_id is not None:
+        record = _adapter_of(ctx, job, params.adapter_id)
+        folder = ctx.storage.adapter_dir(job.tenant_id, record.id) / ADAPTER_SUBDIR
+        choice = AdapterChoice(
+            adapter_id=record.id,
+            load=lambda: load_adapter(
+                folder, expected_fingerprint=runtime.fingerprint, max_bytes=ctx.settings.max_adapter_bytes
+            ),
+            density=params.density,
+            atom_mask=params.atom_mask,
+            top_atoms=params.top_atoms,
+            guidance=params.adapter_guidance,
+        )
+    generation = Generation(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        num_images=params.num_images,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        width=params.width,
+        height=params.height,
+        seed=params.seed,
+        adapter=choice,
+    )
+    # Threads have no soft time limit of Celery's; the scheduler checks this one at every step.
+    deadline = time.monotonic() + ctx.settings.job_soft_time_limit_seconds
+    ticket = Ticket(job.id, job.tenant_id, reporter.attempt, deadline)
+    finished = scheduler.run(scheduler.prepare(generation, ticket))
+    reporter.progressing_since = finished.admitted_at
+    images = scheduler.decode(finished.latents)
     with ctx.storage.replacing(ctx.storage.outputs_dir(job.tenant_id, job.id)) as tmp:
         for index, image in enumerate(images):
             image.save(tmp / f"{index}.png")
-    return GenerateResult(image_count=len(images), seed=params.seed, adapter_tier=tier)
+    return GenerateResult(
+        image_count=len(images), seed=params.seed, adapter_tier=finished.adapter_tier, batch_size=finished.batch_size
+    )
 
 
-def finetune_task(job_id: str) -> None:
-    run_job(context(), job_id, train)
+def _node() -> str:
+    """The Celery node name of the worker running the current task."""
+    return str(current_task.request.hostname or "")
 
 
-def generate_task(job_id: str) -> None:
-    run_job(context(), job_id, generate)
+def finetune_task(job_id: str, delivery: int = 0) -> None:
+    run_job(context(), job_id, train, _node(), delivery)
+
+
+def generate_task(job_id: str, delivery: int = 0) -> None:
+    run_job(context(), job_id, generate, _node(), delivery)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bump on any change to a message below that a reader of the previous version would misread."""
 
 JobKind = Literal["finetune", "generate"]
@@ -155,6 +155,9 @@ class GenerateResult(Message):
     seed: int
     adapter_tier: CacheTier | None
     """Where the adapter was found; None without an adapter."""
+    batch_size: int
+    """The most rows (of every request in the batch, this one's included) in one of its denoising
+    steps; classifier-free guidance gives a request two rows per image."""
 
 
 JobParams = FinetuneParams | GenerateParams

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from service.core.contract import JobKind, JobParams, JobResult
-from service.core.redis_db import job_events_key, job_key, tenant_active_jobs_key
+from service.core.redis_db import CLAIMED_JOBS_KEY, WORKERS_KEY, job_events_key, job_key, tenant_active_jobs_key
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -45,6 +45,10 @@ class Job:
     """As stored: read it with ``contract.parse_result``."""
     attempts: int
     worker_pid: int | None
+    worker: str | None
+    """The Celery node name of the worker that claimed the job last (or put it back after a crash)."""
+    delivery: int
+    """Which message may claim the job: a recovery bumps it, so a message sent before is stale."""
     cancel_requested: bool
 
     @property
@@ -75,11 +79,14 @@ def parse_job(job_id: str, data: dict[str, str]) -> Job:
         result=json.loads(data["result"]) if data.get("result") else None,
         attempts=int(data.get("attempts") or 0),
         worker_pid=int(data["worker_pid"]) if data.get("worker_pid") else None,
+        worker=data.get("worker") or None,
+        delivery=int(data.get("delivery") or 0),
         cancel_requested=data.get("cancel_requested") == "1",
     )
 
 
-# KEYS: job hash, events stream, tenant's active-job set. ARGV[1] = now, ARGV[2] = job id.
+# KEYS: job hash, events stream, tenant's active-job set, the claimed-jobs set. ARGV[1] = now,
+# ARGV[2] = job id.
 _TERMINATE = f"""
 local function terminate(status, code, message)
   redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
@@ -87,18 +94,23 @@ local function terminate(status, code, message)
     redis.call('HSET', KEYS[1], 'error_code', code, 'error_message', message)
   end
   redis.call('SREM', KEYS[3], ARGV[2])
+  redis.call('SREM', KEYS[4], ARGV[2])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', status)
   redis.call('EXPIRE', KEYS[2], {FINISHED_EVENTS_TTL_SECONDS})
 end
 """
 
-# ARGV[3] = worker pid, ARGV[4] = max attempts, ARGV[5] = message when attempts run out.
+# ARGV[3] = worker pid, ARGV[4] = max attempts, ARGV[5] = message when attempts run out, ARGV[6] =
+# worker name, ARGV[7] = the message's delivery number. KEYS[5] = the workers' heartbeats.
 _CLAIM = (
     _TERMINATE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+if tonumber(redis.call('HGET', KEYS[1], 'delivery') or '0') ~= tonumber(ARGV[7]) then
+  return {'stale_message', 0}
+end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   terminate('cancelled')
   return {'cancelled', 0}
@@ -109,7 +121,10 @@ if attempts > tonumber(ARGV[4]) then
   return {'failed', attempts}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker_pid', ARGV[3],
-           'step', 0, 'loss', '')
+           'worker', ARGV[6], 'step', 0, 'loss', '')
+redis.call('SADD', KEYS[4], ARGV[2])
+-- A claim is a heartbeat too, so no recovery can take the job from a worker before its first beat.
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[5], 'GT', ARGV[1], ARGV[6]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', """
     + str(EVENTS_MAXLEN)
     + """, '*', 'type', 'status', 'status', 'running')
@@ -183,6 +198,26 @@ return status or 'missing'
 )
 
 
+# KEYS[5] = the workers' heartbeats. ARGV[3] = the heartbeat cutoff, ARGV[4] = the recovering worker.
+# Puts back a claimed job whose worker's heartbeat is older than the cutoff: the next delivery number
+# fences off every message sent before, and the recovering worker becomes its holder until a
+# message claims it, so if it dies before sending, the next recovery finds the job again.
+_RECOVER = f"""
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' and status ~= 'queued' then
+  redis.call('SREM', KEYS[4], ARGV[2])
+  return -1
+end
+local holder = redis.call('HGET', KEYS[1], 'worker') or ''
+local beat = redis.call('ZSCORE', KEYS[5], holder)
+if beat and tonumber(beat) >= tonumber(ARGV[3]) then return -1 end
+local delivery = redis.call('HINCRBY', KEYS[1], 'delivery', 1)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'step', 0, 'loss', '')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', 'queued')
+return delivery
+"""
+
+
 class JobStore:
     """Synchronous access, used by the gateway's routes and by the workers."""
 
@@ -194,9 +229,10 @@ class JobStore:
         self._cancel = db.register_script(_CANCEL)
         self._create = db.register_script(_CREATE)
         self._abandon = db.register_script(_ABANDON)
+        self._recover = db.register_script(_RECOVER)
 
     def _keys(self, job_id: str, tenant_id: str) -> list[str]:
-        return [job_key(job_id), job_events_key(job_id), tenant_active_jobs_key(tenant_id)]
+        return [job_key(job_id), job_events_key(job_id), tenant_active_jobs_key(tenant_id), CLAIMED_JOBS_KEY]
 
     def _tenant_of(self, job_id: str) -> str | None:
         return self.db.hget(job_key(job_id), "tenant_id")
@@ -226,16 +262,48 @@ class JobStore:
         data = self.db.hgetall(job_key(job_id))
         return parse_job(job_id, data) if data else None
 
-    def claim(self, job_id: str, pid: int, max_attempts: int) -> tuple[str, int]:
-        """Marks the job running for this delivery. Returns ('claimed', attempt) or the reason not to run."""
+    def claim(self, job_id: str, pid: int, max_attempts: int, worker: str = "", delivery: int = 0) -> tuple[str, int]:
+        """Marks the job running for this message. Returns ('claimed', attempt) or the reason not to run:
+        its status when it already ended, 'missing', or 'stale_message' when a recovery has sent a newer
+        message (``delivery`` is the number the message carries)."""
         tenant_id = self._tenant_of(job_id)
         if tenant_id is None:
             return "missing", 0
         message = f"the job stopped its worker {max_attempts} times; it was given up"
         status, attempt = self._claim(
-            keys=self._keys(job_id, tenant_id), args=[time.time(), job_id, pid, max_attempts, message]
+            keys=[*self._keys(job_id, tenant_id), WORKERS_KEY],
+            args=[time.time(), job_id, pid, max_attempts, message, worker, delivery],
         )
         return str(status), int(attempt)
+
+    def orphans(self, cutoff: float) -> list[str]:
+        """Claimed jobs whose holding worker's last heartbeat is older than ``cutoff`` (a timestamp)."""
+        claimed = sorted(self.db.smembers(CLAIMED_JOBS_KEY))
+        if not claimed:
+            return []
+        with self.db.pipeline(transaction=False) as pipe:
+            for job_id in claimed:
+                pipe.hget(job_key(job_id), "worker")
+            holders = pipe.execute()
+        with self.db.pipeline(transaction=False) as pipe:
+            for holder in holders:
+                pipe.zscore(WORKERS_KEY, holder or "")
+            beats = pipe.execute()
+        return [job_id for job_id, beat in zip(claimed, beats, strict=True) if beat is None or beat < cutoff]
+
+    def recover(self, job_id: str, cutoff: float, worker: str) -> tuple[JobKind, int] | None:
+        """Puts back a claimed job whose worker stopped beating before ``cutoff``, held by ``worker`` until
+        claimed again. Returns its kind and the delivery number its new message must carry, or None
+        when the job ended or its worker is alive after all."""
+        tenant_id = self._tenant_of(job_id)
+        if tenant_id is None:
+            self.db.srem(CLAIMED_JOBS_KEY, job_id)
+            return None
+        keys = [*self._keys(job_id, tenant_id), WORKERS_KEY]
+        delivery = int(self._recover(keys=keys, args=[time.time(), job_id, cutoff, worker]))
+        if delivery < 0:
+            return None
+        return self.db.hget(job_key(job_id), "kind"), delivery  # type: ignore[return-value]
 
     def progress(self, job_id: str, attempt: int, step: int, total: int, loss: float | None = None) -> str:
         """Records progress. Returns '1' if cancellation was requested, 'stale' if this run was superseded."""
@@ -246,6 +314,16 @@ class JobStore:
                 args=[time.time(), job_id, attempt, step, total, "" if loss is None else repr(loss)],
             )
         )
+
+    def progress_many(self, updates: list[tuple[str, str, int, int, int]]) -> list[str]:
+        """``progress`` for several jobs, given as (job id, tenant id, attempt, step, total), in one round
+        trip; the replies in the same order."""
+        now = time.time()
+        with self.db.pipeline(transaction=False) as pipe:
+            for job_id, tenant_id, attempt, step, total in updates:
+                args = [now, job_id, attempt, step, total, ""]
+                self._progress(keys=self._keys(job_id, tenant_id), args=args, client=pipe)
+            return [str(reply) for reply in pipe.execute()]
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.db.hget(job_key(job_id), "cancel_requested") == "1"

@@ -44,5 +44,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, kind: JobKind, job_id: str) -> None:
-    app.send_task(TASKS[kind], args=[job_id], queue=QUEUES[kind])
+def enqueue(app: Celery, kind: JobKind, job_id: str, delivery: int = 0) -> None:
+    """Sends the job's message; ``delivery`` is the job's delivery number (0 until a recovery resends it)."""
+    app.send_task(TASKS[kind], args=[job_id, delivery], queue=QUEUES[kind])

@@ -73,4 +73,7 @@ def adapter_key(adapter_id: str) -> str:
 ADAPTER_DELETIONS_CHANNEL = f"{PREFIX}:adapter_deletions"
 
 WORKERS_KEY = f"{PREFIX}:workers"
+# Jobs a worker has claimed (running, or put back by a recovery and not yet claimed again): the set a
+# worker scans for jobs whose claiming worker's heartbeat has stopped.
+CLAIMED_JOBS_KEY = f"{PREFIX}:claimed_jobs"
 BASE_MODEL_KEY = f"{PREFIX}:base_model"

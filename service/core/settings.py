@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_sequence_length: int = Field(default=300, ge=1, le=512)
 
-    device_cache_slots: int = Field(default=4, ge=1)
+    device_cache_slots: int = Field(default=32, ge=1)
     host_cache_bytes: int = Field(default=2048 * MiB, ge=0)
 
     max_image_bytes: int = Field(default=10 * MiB, ge=1)
@@ -45,6 +45,17 @@ class Settings(BaseSettings):
     max_active_jobs_per_tenant: int = Field(default=16, ge=1)
     max_wait_seconds: float = Field(default=60.0, ge=0)
     max_streams_per_tenant: int = Field(default=8, ge=1)
+
+    max_batch: int = Field(
+        default=32,
+        ge=1,
+        description="Rows in one denoising step of a generation worker, and generations it takes at once.",
+    )
+    max_batch_tokens: int = Field(
+        default=65536,
+        ge=1,
+        description="Rows times latent tokens in one denoising step: the activation-memory bound of a batch.",
+    )
 
     job_time_limit_seconds: int = Field(default=3600, ge=10)
     max_job_attempts: int = Field(default=3, ge=1)

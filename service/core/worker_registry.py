@@ -20,10 +20,15 @@ def leave(db: redis.Redis, name: str) -> None:
     db.zrem(WORKERS_KEY, name)
 
 
+def cutoff(heartbeat_seconds: float) -> float:
+    """Workers whose last heartbeat is older than this timestamp are taken for dead."""
+    return time.time() - _MISSED_BEATS * heartbeat_seconds
+
+
 def alive(db: redis.Redis, heartbeat_seconds: float) -> list[str]:
-    cutoff = time.time() - _MISSED_BEATS * heartbeat_seconds
-    db.zremrangebyscore(WORKERS_KEY, "-inf", f"({cutoff}")
-    return list(db.zrangebyscore(WORKERS_KEY, cutoff, "+inf"))
+    cutoff_time = cutoff(heartbeat_seconds)
+    db.zremrangebyscore(WORKERS_KEY, "-inf", f"({cutoff_time}")
+    return list(db.zrangebyscore(WORKERS_KEY, cutoff_time, "+inf"))
 
 
 @dataclass(frozen=True)

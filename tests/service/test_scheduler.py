@@ -1,0 +1,198 @@
+"""The generation scheduler: a request's images in a mixed, continuously changing batch are the ones
+it gets alone, and alone they are exactly what the pipeline gives (so batching changes nothing
+for users)."""
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+from adapters import SampleRoute, SparseDictionaryAdapter, SparseDictionaryConfig, guided_routes
+from service.core.contract import AtomMaskSpec, GenerateParams
+from service.core.ids import new_id
+from service.core.jobs import JobStore
+from service.core.redis_db import connect
+from service.core.settings import Settings
+from worker.metrics import WorkerMetrics
+from worker.runtime import Runtime
+from worker.scheduler import AdapterChoice, Finished, Generation, GenerationScheduler, JobCancelled, Ticket
+
+ATOMS = 16
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
+
+
+def trained_like(runtime: Runtime, seed: int, **config: object) -> SparseDictionaryAdapter:
+    """An adapter with random non-zero atoms and importance, as if trained."""
+    adapter = SparseDictionaryAdapter.create(
+        SparseDictionaryConfig(num_atoms=ATOMS, **config), runtime.pipeline.transformer, seed=seed
+    )
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.dictionary.copy_(torch.randn(layer.dictionary.shape, generator=generator) * 0.5)
+    adapter.importance = {b: torch.rand(ATOMS, generator=generator) for b in adapter.blocks}
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def runtime(redis_url: str) -> Runtime:
+    # The demo model, trained: its latents have the scale of a real model's, so 1e-4 means what it says.
+    runtime = Runtime(Settings(redis_url=redis_url, base_model=str(DEMO_MODEL), device="cpu"))
+    for seed, name in enumerate(("x", "y")):
+        runtime.cache.insert(name, trained_like(runtime, seed, density=0.25))
+    return runtime
+
+
+def scheduler_of(runtime: Runtime, redis_url: str, max_batch: int) -> GenerationScheduler:
+    settings = Settings(redis_url=redis_url, max_batch=max_batch)
+    return GenerationScheduler(runtime, settings, JobStore(connect(redis_url)), WorkerMetrics())
+
+
+def choice(adapter_id: str, **fields: object) -> AdapterChoice:
+    defaults: dict[str, object] = {"density": None, "atom_mask": None, "top_atoms": None, "guidance": "conditional"}
+
+    def unused() -> SparseDictionaryAdapter:
+        raise AssertionError("the adapter is resident")
+
+    return AdapterChoice(adapter_id=adapter_id, load=unused, **{**defaults, **fields})  # type: ignore[arg-type]
+
+
+def generation(**fields: object) -> Generation:
+    defaults: dict[str, object] = {
+        "prompt": "a red circle",
+        "negative_prompt": "",
+        "num_images": 1,
+        "steps": 4,
+        "guidance_scale": 4.5,
+        "width": None,
+        "height": None,
+        "seed": 0,
+        "adapter": None,
+    }
+    return Generation(**{**defaults, **fields})  # type: ignore[arg-type]
+
+
+def claimed_ticket(jobs: JobStore, generate_params: Callable[..., GenerateParams]) -> Ticket:
+    """A job the scheduler may report progress for: created and claimed, as a worker would."""
+    job_id = new_id()
+    jobs.create(job_id, "tenant", generate_params(), max_active=10_000)
+    _, attempt = jobs.claim(job_id, pid=0, max_attempts=3)
+    return Ticket(job_id, "tenant", attempt, deadline=time.monotonic() + 600)
+
+
+# Every option a request can take, and none shared by all: adapters, densities, a mask, top atoms,
+# each guidance branch, no guidance, several images, no adapter, other sizes of steps and seeds.
+MIX = [
+    generation(adapter=choice("x"), seed=1, steps=6),
+    generation(adapter=choice("y", density=0.5), seed=2, guidance_scale=1.0, steps=3),
+    generation(seed=3, num_images=2, steps=5, prompt="a blue star", negative_prompt="blurry"),
+    generation(adapter=choice("x", atom_mask=AtomMaskSpec(mode="drop", blocks={0: [1, 2, 3]})), seed=4, steps=4),
+    generation(adapter=choice("y", top_atoms=3, guidance="both"), seed=5, guidance_scale=7.0, steps=6),
+    generation(adapter=choice("x", density=0.125, guidance="unconditional"), seed=6, steps=5),
+]
+
+
+def run_all(
+    scheduler: GenerationScheduler, jobs: JobStore, params: Callable[..., GenerateParams], requests: list[Generation]
+) -> list[Finished]:
+    """The first half at once, the rest once the first have taken a step, so they join a running batch."""
+    tickets = [claimed_ticket(jobs, params) for _ in requests]
+    half = len(requests) // 2
+
+    def run(index: int) -> Finished:
+        return scheduler.run(scheduler.prepare(requests[index], tickets[index]))
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        first = [pool.submit(run, index) for index in range(half)]
+        wait_for_step(jobs, [t.job_id for t in tickets[:half]], 1)
+        rest = [pool.submit(run, index) for index in range(half, len(requests))]
+        return [future.result() for future in first + rest]
+
+
+def wait_for_step(jobs: JobStore, job_ids: list[str], step: int) -> None:
+    deadline = time.monotonic() + 60
+    while not all(jobs.get(job_id).step >= step for job_id in job_ids):  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the scheduler made no progress"
+        time.sleep(0.005)
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gets_alone(
+    runtime: Runtime, redis_url: str, generate_params: Callable[..., GenerateParams]
+) -> None:
+    jobs = JobStore(connect(redis_url))
+    batched = run_all(scheduler_of(runtime, redis_url, max_batch=64), jobs, generate_params, MIX)
+    alone_scheduler = scheduler_of(runtime, redis_url, max_batch=1)
+    # Requests joined and left a running batch: each saw more rows than its own.
+    assert max(f.batch_size for f in batched) > 8
+    for request, mixed in zip(MIX, batched, strict=True):
+        alone = alone_scheduler.run(alone_scheduler.prepare(request, claimed_ticket(jobs, generate_params)))
+        rows = request.num_images * (2 if request.guidance_scale > 1 else 1)
+        assert alone.batch_size == rows
+        assert mixed.batch_size > rows
+        # Rows are independent, but a product over more rows may sum in another order: float32
+        # rounding, amplified by the guidance scale over the steps, and far below a pixel level.
+        relative = ((mixed.latents - alone.latents).norm() / alone.latents.norm()).item()
+        assert relative < 1e-4, (request, relative)
+        for ours, theirs in zip(pixels(alone_scheduler, mixed), pixels(alone_scheduler, alone), strict=True):
+            assert (ours - theirs).abs().max() <= 1, request
+
+
+def pixels(scheduler: GenerationScheduler, finished: Finished) -> list[torch.Tensor]:
+    return [torch.from_numpy(numpy.asarray(image)).int() for image in scheduler.decode(finished.latents)]
+
+
+def test_alone_through_the_scheduler_is_exactly_the_pipeline(
+    runtime: Runtime, redis_url: str, generate_params: Callable[..., GenerateParams]
+) -> None:
+    jobs = JobStore(connect(redis_url))
+    scheduler = scheduler_of(runtime, redis_url, max_batch=32)
+    cases = [
+        (MIX[0], [SampleRoute("x")]),
+        (MIX[1], [SampleRoute("y", density=0.5)]),
+        (MIX[2], [SampleRoute()] * 2),
+    ]
+    for request, routes in cases:
+        finished = scheduler.run(scheduler.prepare(request, claimed_ticket(jobs, generate_params)))
+        if request.guidance_scale > 1:
+            routes = guided_routes(routes, "conditional")
+        with runtime.lock, runtime.host.route(routes):
+            expected = runtime.pipeline(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_images_per_prompt=request.num_images,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                generator=torch.Generator().manual_seed(request.seed),
+                use_resolution_binning=False,
+                clean_caption=False,
+                max_sequence_length=runtime.max_sequence_length,
+                output_type="latent",
+            ).images
+        assert torch.equal(finished.latents, expected), request
+        with torch.no_grad():
+            decoded = runtime.pipeline.vae.decode(expected / runtime.pipeline.vae.config.scaling_factor)[0]
+        images = runtime.pipeline.image_processor.postprocess(decoded, output_type="pil")
+        assert [image.tobytes() for image in scheduler.decode(finished.latents)] == [i.tobytes() for i in images]
+
+
+def test_a_cancelled_request_leaves_at_its_next_step_and_the_batch_goes_on(
+    runtime: Runtime, redis_url: str, generate_params: Callable[..., GenerateParams]
+) -> None:
+    jobs = JobStore(connect(redis_url))
+    scheduler = scheduler_of(runtime, redis_url, max_batch=32)
+    long = generation(adapter=choice("x"), steps=60)
+    tickets = [claimed_ticket(jobs, generate_params) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(lambda t: scheduler.run(scheduler.prepare(long, t)), t) for t in tickets]
+        wait_for_step(jobs, [t.job_id for t in tickets], 2)
+        assert jobs.cancel(tickets[0].job_id) == "cancelling"
+        with pytest.raises(JobCancelled):
+            futures[0].result()
+        stopped_at = jobs.get(tickets[0].job_id).step  # type: ignore[union-attr]
+        assert stopped_at < 60
+        assert futures[1].result().latents.shape[0] == 1
+    assert jobs.get(tickets[1].job_id).step == 60  # type: ignore[union-attr]

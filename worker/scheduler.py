@@ -1,0 +1,393 @@
+"""Many generations in one denoising loop: step-level continuous batching across adapters.
+
+A generation worker runs one ``GenerationScheduler``. Each Celery task thread prepares its request
+(prompt embeddings, initial latents, its own copy of the noise scheduler), hands it over and waits;
+one loop thread owns the transformer and runs every admitted request as rows of one batch. At each
+step boundary it admits waiting requests (within ``ATOMTUNE_MAX_BATCH`` rows and
+``ATOMTUNE_MAX_BATCH_TOKENS`` rows x tokens, oldest first), runs one transformer forward pass for
+every row, each row with its own timestep, prompt, adapter route and guidance scale, steps each
+request's own noise scheduler, and lets finished, cancelled and superseded requests go. The task
+thread then decodes its latents and stores the images.
+
+Each request's arithmetic is the pipeline's own (``PixArtSigmaPipeline.__call__``): latents drawn
+from its seed, CFG rows laid out [unconditional; conditional] with ``guided_routes`` deciding
+which half its adapter acts on, ``u + g·(c − u)``, the learned-sigma half dropped, its scheduler's
+``step``. Rows are independent in the transformer, so a request's images are those it gets alone.
+
+Requests of different sizes never share a forward pass: they form groups, stepped in turn.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from adapters import GuidanceBranch, SampleRoute, SparseDictionaryAdapter, guided_routes
+from service.core.contract import AtomMaskSpec, CacheTier, JobError
+from service.core.jobs import JobStore
+from service.core.settings import Settings
+from worker.cache import CacheFull
+from worker.metrics import WorkerMetrics
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+NO_CONDITIONS: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class Superseded(Exception):
+    """A redelivery of this job has taken over; this run must stop without writing anything."""
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    adapter_id: str
+    load: Callable[[], SparseDictionaryAdapter]
+    """Reads the adapter from storage; called only when no cache tier holds it."""
+    density: float | None
+    atom_mask: AtomMaskSpec | None
+    top_atoms: int | None
+    guidance: GuidanceBranch
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    negative_prompt: str
+    num_images: int
+    steps: int
+    guidance_scale: float
+    width: int | None
+    height: int | None
+    seed: int
+    adapter: AdapterChoice | None
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """The job a request belongs to, for its progress writes (fenced by the attempt)."""
+
+    job_id: str
+    tenant_id: str
+    attempt: int
+    deadline: float
+    """Monotonic time after which the request fails with ``time_limit`` at its next step."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    latents: torch.Tensor
+    adapter_tier: CacheTier | None
+    batch_size: int
+    admitted_at: float
+    """Wall-clock time of its first step."""
+
+
+@dataclass(eq=False)
+class Request:
+    """A prepared generation: everything its denoising loop needs, and where it stands."""
+
+    generation: Generation
+    ticket: Ticket
+    size: tuple[int, int]
+    tokens: int
+    guided: bool
+    latents: torch.Tensor
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    noise_scheduler: Any
+    timesteps: torch.Tensor
+    step_kwargs: dict[str, Any]
+    future: Future[Finished] = field(default_factory=Future)
+    index: int = 0
+    routes: list[SampleRoute] = field(default_factory=list)
+    tier: CacheTier | None = None
+    batch_size: int = 0
+    admitted_at: float = 0.0
+    stop: BaseException | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.latents.shape[0] * (2 if self.guided else 1)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+
+def _atom_mask(spec: AtomMaskSpec | None, num_atoms: int) -> dict[int, torch.Tensor] | None:
+    if spec is None:
+        return None
+    keep = spec.mode == "keep"
+    masks = {}
+    for block, atoms in spec.blocks.items():
+        mask = torch.full((num_atoms,), not keep, dtype=torch.bool)
+        mask[torch.tensor(atoms, dtype=torch.long)] = keep
+        masks[block] = mask
+    return masks
+
+
+class GenerationScheduler:
+    def __init__(self, runtime: Runtime, settings: Settings, jobs: JobStore, metrics: WorkerMetrics) -> None:
+        self.runtime = runtime
+        self.jobs = jobs
+        self.metrics = metrics
+        self.max_rows = settings.max_batch
+        self.max_tokens = settings.max_batch_tokens
+        self._pending: deque[Request] = deque()
+        self._wake = threading.Condition()
+        # Requests stepping, by image size; a size's requests share each forward pass.
+        self._groups: dict[tuple[int, int], list[Request]] = {}
+        self._turn = 0
+        # What the last forward pass of a membership built, reused while it holds.
+        self._batched: tuple[list[Request], list[SampleRoute], torch.Tensor, torch.Tensor] | None = None
+        # The tokenizer and text encoder are not safe to call from several task threads at once.
+        self._encoder = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="denoising", daemon=True)
+        self._thread.start()
+
+    # -- the task threads' side -----------------------------------------------------------------
+
+    def prepare(self, generation: Generation, ticket: Ticket) -> Request:
+        """Encodes the prompts and draws the initial latents, as the pipeline does, in the caller's thread."""
+        pipeline = self.runtime.pipeline
+        device = self.runtime.device
+        guided = generation.guidance_scale > 1
+        sample = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
+        height, width = generation.height or sample, generation.width or sample
+        with self._encoder, torch.no_grad():
+            embeds, mask, negative, negative_mask = pipeline.encode_prompt(
+                generation.prompt,
+                guided,
+                negative_prompt=generation.negative_prompt,
+                num_images_per_prompt=generation.num_images,
+                device=device,
+                clean_caption=False,
+                max_sequence_length=self.runtime.max_sequence_length,
+            )
+        if guided:
+            embeds, mask = torch.cat([negative, embeds]), torch.cat([negative_mask, mask])
+        noise_scheduler = copy.deepcopy(pipeline.scheduler)
+        timesteps, _ = retrieve_timesteps(noise_scheduler, generation.steps, device)
+        generator = torch.Generator().manual_seed(generation.seed)
+        scale = pipeline.vae_scale_factor
+        shape = (generation.num_images, pipeline.transformer.config.in_channels, height // scale, width // scale)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
+        patch = pipeline.transformer.config.patch_size
+        return Request(
+            generation=generation,
+            ticket=ticket,
+            size=(height, width),
+            tokens=(height // scale // patch) * (width // scale // patch),
+            guided=guided,
+            latents=latents * noise_scheduler.init_noise_sigma,
+            embeds=embeds,
+            mask=mask,
+            noise_scheduler=noise_scheduler,
+            timesteps=timesteps,
+            step_kwargs=pipeline.prepare_extra_step_kwargs(generator, 0.0),
+        )
+
+    def run(self, request: Request) -> Finished:
+        """Queues the request for the next step boundary and waits for its last step."""
+        with self._wake:
+            self._pending.append(request)
+            self._wake.notify()
+        return request.future.result()
+
+    def decode(self, latents: torch.Tensor) -> list[Any]:
+        """The pipeline's VAE decode and post-processing, in the caller's thread."""
+        pipeline = self.runtime.pipeline
+        with torch.no_grad():
+            images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor)[0]
+        return list(pipeline.image_processor.postprocess(images, output_type="pil"))
+
+    # -- the loop thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._groups:
+                    self._wake.wait()
+            group: list[Request] = []
+            try:
+                with self.runtime.lock, torch.no_grad():
+                    self._admit()
+                    group = self._next_group()
+                    if group:
+                        self._step(group)
+                self._report(group)
+            except Exception as exc:
+                log.exception("a denoising step failed; its requests fail")
+                for request in group:
+                    request.stop = exc
+            if group:
+                with self.runtime.lock:
+                    self._retire(group)
+
+    def _admit(self) -> None:
+        """Moves waiting requests into the batch, oldest first, while they fit."""
+        with self._wake:
+            waiting = list(self._pending)
+            self._pending.clear()
+        active = [request for group in self._groups.values() for request in group]
+        rows = sum(request.rows for request in active)
+        tokens = sum(request.rows * request.tokens for request in active)
+        admitted = 0
+        for request in waiting:
+            # A request bigger than the bounds still runs, alone.
+            fits = rows + request.rows <= self.max_rows and tokens + request.rows * request.tokens <= self.max_tokens
+            if active and not fits:
+                break
+            try:
+                request.routes = self._routes(request)
+            except CacheFull:
+                break
+            except Exception as exc:
+                request.future.set_exception(exc)
+                admitted += 1
+                continue
+            admitted += 1
+            request.admitted_at = time.time()
+            self._groups.setdefault(request.size, []).append(request)
+            active.append(request)
+            rows += request.rows
+            tokens += request.rows * request.tokens
+        with self._wake:
+            self._pending.extendleft(reversed(waiting[admitted:]))
+
+    def _routes(self, request: Request) -> list[SampleRoute]:
+        """Makes the request's adapter resident (pinned while it runs) and returns its rows' routes."""
+        choice = request.generation.adapter
+        count = request.generation.num_images
+        if choice is None:
+            return [SampleRoute()] * request.rows
+        cache = self.runtime.cache
+        hit = cache.acquire(choice.adapter_id, choice.load)
+        self.metrics.adapter_acquired(hit)
+        request.tier = hit.tier
+        num_atoms = self.runtime.host.get(choice.adapter_id).config.num_atoms
+        route = SampleRoute(
+            adapter=choice.adapter_id,
+            density=choice.density,
+            atom_mask=_atom_mask(choice.atom_mask, num_atoms),
+            top_atoms=choice.top_atoms,
+        )
+        cache.pin(choice.adapter_id)
+        routes = [route] * count
+        # The pipeline runs classifier-free guidance only above a scale of 1.
+        return guided_routes(routes, choice.guidance) if request.guided else routes
+
+    def _next_group(self) -> list[Request]:
+        sizes = list(self._groups)
+        if not sizes:
+            return []
+        self._turn = (self._turn + 1) % len(sizes)
+        return self._groups[sizes[self._turn]]
+
+    def _batch(self, group: list[Request]) -> tuple[list[SampleRoute], torch.Tensor, torch.Tensor]:
+        """The routes and prompt embeddings of the group's rows, rebuilt only when its members change,
+        so the host keeps its plans and the embeddings are not copied every step."""
+        cached = self._batched
+        same = cached is not None and len(cached[0]) == len(group)
+        if cached is None or not same or any(a is not b for a, b in zip(cached[0], group, strict=True)):
+            routes = [route for request in group for route in request.routes]
+            embeds = torch.cat([request.embeds for request in group])
+            mask = torch.cat([request.mask for request in group])
+            self._batched = cached = (list(group), routes, embeds, mask)
+        return cached[1], cached[2], cached[3]
+
+    def _step(self, group: list[Request]) -> None:
+        pipeline = self.runtime.pipeline
+        transformer = pipeline.transformer
+        inputs, timesteps = [], []
+        for request in group:
+            t = request.timesteps[request.index]
+            latents = torch.cat([request.latents] * 2) if request.guided else request.latents
+            latents = request.noise_scheduler.scale_model_input(latents, t)
+            inputs.append(latents)
+            timesteps.append(t[None].to(latents.device).expand(latents.shape[0]))
+        routes, embeds, mask = self._batch(group)
+        rows = len(routes)
+        adapters = len({route.adapter for route in routes if route.adapter is not None})
+        for request in group:
+            request.batch_size = max(request.batch_size, rows)
+        with self.runtime.host.route(routes), self.metrics.denoising_step(rows, len(group), adapters):
+            output = transformer(
+                torch.cat(inputs),
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=mask,
+                timestep=torch.cat(timesteps),
+                added_cond_kwargs=NO_CONDITIONS,
+                return_dict=False,
+            )[0]
+        learned_sigma = transformer.config.out_channels // 2 == transformer.config.in_channels
+        offset = 0
+        for request in group:
+            prediction = output[offset : offset + request.rows]
+            offset += request.rows
+            if request.guided:
+                unconditional, conditional = prediction.chunk(2)
+                scale = request.generation.guidance_scale
+                prediction = unconditional + scale * (conditional - unconditional)
+            if learned_sigma:
+                prediction = prediction.chunk(2, dim=1)[0]
+            t = request.timesteps[request.index]
+            request.latents = request.noise_scheduler.step(
+                prediction, t, request.latents, **request.step_kwargs, return_dict=False
+            )[0]
+            request.index += 1
+
+    def _report(self, group: list[Request]) -> None:
+        """Writes every request's progress in one round trip; the replies carry cancel flags."""
+        if not group:
+            return
+        updates = [
+            (r.ticket.job_id, r.ticket.tenant_id, r.ticket.attempt, r.index, r.generation.steps) for r in group
+        ]
+        now = time.monotonic()
+        for request, reply in zip(group, self.jobs.progress_many(updates), strict=True):
+            if reply == "stale":
+                request.stop = Superseded()
+            elif request.done:
+                continue
+            elif reply == "1":
+                request.stop = JobCancelled()
+            elif now > request.ticket.deadline:
+                request.stop = JobError(
+                    "time_limit", "the job ran past its time limit; use fewer steps, images or a smaller size"
+                )
+
+    def _retire(self, group: list[Request]) -> None:
+        """Lets finished and stopped requests go, and unpins their adapters."""
+        leaving = [request for request in group if request.done or request.stop is not None]
+        if not leaving:
+            return
+        for request in leaving:
+            group.remove(request)
+            if request.generation.adapter is not None and request.routes:
+                self.runtime.cache.unpin(request.generation.adapter.adapter_id)
+            if request.stop is not None:
+                request.future.set_exception(request.stop)
+            else:
+                request.future.set_result(
+                    Finished(request.latents, request.tier, request.batch_size, request.admitted_at)
+                )
+        for size in [size for size, members in self._groups.items() if not members]:
+            del self._groups[size]
+        self._batched = None
+
