@@ -154,6 +154,10 @@ class JobResult(BaseModel):
     adapter_tier: CacheTier | None = Field(
         default=None, description="Generation: the cache tier the adapter was found in"
     )
+    batch_size: int | None = Field(
+        default=None,
+        description="Generation: the most rows (of all requests batched with it) in one of its denoising steps",
+    )
 
 
 class JobOut(BaseModel):
@@ -179,7 +183,9 @@ class JobOut(BaseModel):
                 result = JobResult(adapter_id=stored.adapter_id)
             else:
                 images = [f"/v1/jobs/{job.id}/images/{n}" for n in range(stored.image_count)]
-                result = JobResult(images=images, seed=stored.seed, adapter_tier=stored.adapter_tier)
+                result = JobResult(
+                    images=images, seed=stored.seed, adapter_tier=stored.adapter_tier, batch_size=stored.batch_size
+                )
         error = None
         if job.error_code:
             error = ErrorInfo(code=job.error_code, message=job.error_message or "")

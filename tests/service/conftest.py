@@ -69,12 +69,22 @@ def _image_bytes(color: tuple[int, int, int], size: int = 64, fmt: str = "PNG") 
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     process = start_redis(tmp_path_factory.mktemp("redis"), port)
     yield f"redis://127.0.0.1:{port}/0"
     stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _redis(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def own_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis of the module's own, for workers that no other test's worker may compete with."""
+    yield from _redis(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -82,9 +82,12 @@ def test_tenant_trains_generates_downloads_and_other_tenants_see_nothing(
 
     base = generate(owner, wait_job)
     tuned = generate(owner, wait_job, adapter_id=adapter_id)
-    # Training left the adapter resident: the first generation with it loaded nothing.
-    assert tuned["result"]["adapter_tier"] == "device"
+    # The fine-tuning worker trained it; the generation worker read it from storage, once.
+    assert tuned["result"]["adapter_tier"] == "storage"
     sparser = generate(owner, wait_job, adapter_id=adapter_id, density=0.0625)
+    assert sparser["result"]["adapter_tier"] == "device"
+    # Alone in the worker, a generation's batch is its own two rows (guidance doubles its image).
+    assert sparser["result"]["batch_size"] == 2
     masked = generate(owner, wait_job, adapter_id=adapter_id, atom_mask={"mode": "drop", "blocks": {"0": top}})
     core = generate(owner, wait_job, adapter_id=adapter_id, top_atoms=2)
     jobs = {"base": base, "tuned": tuned, "sparser": sparser, "masked": masked, "core": core}

@@ -229,7 +229,7 @@ def test_a_result_written_by_a_worker_of_another_version_is_refused_with_a_clear
     job_id = new_id()
     jobs.create(job_id, api.tenant_id, generate_params(steps=1), max_active=4)  # type: ignore[attr-defined]
     _, attempt = jobs.claim(job_id, pid=0, max_attempts=1)
-    result = GenerateResult(image_count=1, seed=0, adapter_tier=None)
+    result = GenerateResult(image_count=1, seed=0, adapter_tier=None, batch_size=2)
     assert jobs.finish(job_id, attempt, "succeeded", result.model_copy(update={"schema_version": 99})) == "ok"
     response = api.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 500 and error_of(response)["code"] == "version_mismatch"

@@ -36,24 +36,44 @@ def running_with_steps(min_step: int) -> Callable[[dict], bool]:
     return check
 
 
-def test_cancel_stops_a_running_job_and_a_queued_one_never_runs(
-    new_tenant: Callable[[str], Api], wait_job: Callable[..., dict], image_bytes: Callable[..., bytes]
+def queued_without_message(settings: Settings, tenant_id: str, params: GenerateParams) -> str:
+    """A job recorded but not yet sent, as one whose message still waits in a long queue."""
+    job_id = new_id()
+    assert JobStore(connect(settings.redis_url)).create(job_id, tenant_id, params, max_active=4) is not None
+    return job_id
+
+
+def test_cancel_stops_running_jobs_and_a_queued_one_never_runs(
+    new_tenant: Callable[[str], Api],
+    wait_job: Callable[..., dict],
+    image_bytes: Callable[..., bytes],
+    settings: Settings,
+    generate_params: Callable[..., GenerateParams],
 ) -> None:
     api = new_tenant("cancel")
     adapter_id, training = start_training(api, image_bytes, steps=5000)
     wait_job(api, training, until=running_with_steps(1))
+    # Trainings have a worker of their own: a generation meanwhile runs at once.
+    during = api.post("/v1/generations", json={"prompt": "x", "steps": 2}, params={"wait": 60}).json()
+    assert during["job"]["status"] == "succeeded"
 
-    # The only worker process is busy, so this generation waits in the queue.
-    queued = api.post("/v1/generations", json={"prompt": "x", "steps": 2}).json()["job_id"]
-    assert api.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
+    queued = queued_without_message(settings, api.tenant_id, generate_params(steps=2))
     cancelled = api.delete(f"/v1/jobs/{queued}")
     assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    enqueue(make_celery(settings), "generate", queued)
 
     stopping = api.delete(f"/v1/jobs/{training}")
     assert stopping.status_code == 202 and stopping.json()["cancel_requested"] is True
     job = wait_job(api, training, timeout=60)
     assert job["status"] == "cancelled" and job["progress"]["step"] < 5000
     assert api.get(f"/v1/adapters/{adapter_id}").json()["status"] == "cancelled"
+
+    # A running generation stops at its next step.
+    long = api.post("/v1/generations", json={"prompt": "x", "steps": 100, "width": 256, "height": 256}).json()
+    wait_job(api, long["job_id"], until=running_with_steps(1))
+    assert api.delete(f"/v1/jobs/{long['job_id']}").status_code == 202
+    stopped = wait_job(api, long["job_id"], timeout=60)
+    assert stopped["status"] == "cancelled" and stopped["progress"]["step"] < 100
 
     # A later generation runs, so the worker has taken the cancelled message off the queue by now.
     later = api.post("/v1/generations", json={"prompt": "x", "steps": 2}, params={"wait": 60}).json()
@@ -96,7 +116,8 @@ def test_a_killed_worker_process_loses_no_job(
     api = new_tenant("crash")
     adapter_id, job_id = start_training(api, image_bytes, steps=150)
     wait_job(api, job_id, until=running_with_steps(2))
-    # The API does not expose which process runs a job; the record does.
+    # The API does not expose which process runs a job; the record does. Fine-tuning runs in a
+    # prefork pool process, whose parent puts the message back when it dies.
     running = JobStore(connect(settings.redis_url)).get(job_id)
     assert running is not None and running.worker_pid
     os.kill(running.worker_pid, signal.SIGKILL)
@@ -126,21 +147,21 @@ def test_a_deleted_adapter_leaves_the_workers_caches_and_a_job_naming_it_fails_c
     wait_for: Callable[..., None],
     image_bytes: Callable[..., bytes],
     resident_adapters: Callable[[], dict[str, float]],
+    settings: Settings,
+    generate_params: Callable[..., GenerateParams],
 ) -> None:
     api = new_tenant("evict")
     adapter_id, trained = start_training(api, image_bytes, steps=3)
     assert wait_job(api, trained)["status"] == "succeeded"
-    before = resident_adapters()  # the fresh adapter is resident on the device
-    # A long training holds the only worker process, so a generation naming the adapter waits in
-    # the queue while the adapter is deleted, as one submitted just before a delete would.
-    _, busy = start_training(api, image_bytes, steps=5000)
-    wait_job(api, busy, until=running_with_steps(1))
-    queued = api.post("/v1/generations", json={"prompt": "x", "steps": 2, "adapter_id": adapter_id})
-    assert queued.status_code == 202, queued.text
+    used = api.post("/v1/generations", json={"prompt": "x", "steps": 2, "adapter_id": adapter_id}, params={"wait": 60})
+    assert used.json()["job"]["result"]["adapter_tier"] == "storage"
+    before = resident_adapters()  # now resident on the generation worker's device
+    # A generation naming the adapter, submitted just before the delete; its message arrives after.
+    queued = queued_without_message(settings, api.tenant_id, generate_params(steps=2, adapter_id=adapter_id))
     assert api.delete(f"/v1/adapters/{adapter_id}").status_code == 204
-    assert api.delete(f"/v1/jobs/{busy}").status_code == 202
+    enqueue(make_celery(settings), "generate", queued)
 
-    job = wait_job(api, queued.json()["job_id"])
+    job = wait_job(api, queued)
     assert job["status"] == "failed"
     assert job["error"] == {"code": "adapter_deleted", "message": f"adapter '{adapter_id}' was deleted"}
     wait_for(
