@@ -63,6 +63,12 @@ REJECTED = Counter(
     registry=None,
 )
 _SHARED = (HTTP_REQUESTS, HTTP_DURATION, JOBS_SUBMITTED, AUTH_FAILURES, REJECTED)
+# Label sets that exist from the start, at zero: a rate or ratio over them has a value before the
+# first event, where a series created by its first increment would leave it empty.
+for _kind in QUEUES:
+    JOBS_SUBMITTED.labels(_kind)
+for _reason in ("invalid_request", "unauthenticated", "not_found", "too_many_jobs", "unavailable"):
+    REJECTED.labels(_reason)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")

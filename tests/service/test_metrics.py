@@ -61,9 +61,13 @@ def test_a_job_end_to_end_moves_gateway_and_worker_metrics(
     wait_job: Callable[..., dict],
     image_bytes: Callable[..., bytes],
 ) -> None:
-    worker_url = f"http://127.0.0.1:{service_env['ATOMTUNE_WORKER_METRICS_PORT']}/metrics"
+    # `atomtune worker` runs a worker per queue: generations serve on the port, fine-tuning after it.
+    port = int(service_env["ATOMTUNE_WORKER_METRICS_PORT"])
+    worker_url = f"http://127.0.0.1:{port}/metrics"
+    finetune_url = f"http://127.0.0.1:{port + 1}/metrics"
     _, gateway_before = scrape(f"{gateway}/metrics")
     _, worker_before = scrape(worker_url)
+    _, finetune_before = scrape(finetune_url)
     api = new_tenant("metrics")
 
     files = [("images", ("a.png", image_bytes((20, 200, 20)), "image/png"))]
@@ -71,8 +75,8 @@ def test_a_job_end_to_end_moves_gateway_and_worker_metrics(
     created = api.post("/v1/adapters", data=form, files=files).json()
     assert wait_job(api, created["job_id"])["status"] == "succeeded"
     request = {"prompt": "a green square", "steps": 2, "num_images": 2, "adapter_id": created["adapter_id"]}
-    resident = api.post("/v1/generations", json=request, params={"wait": 60}).json()["job"]
-    assert resident["result"]["adapter_tier"] == "device"
+    first = api.post("/v1/generations", json=request, params={"wait": 60}).json()["job"]
+    assert first["result"]["adapter_tier"] == "storage"
     # An imported copy is a new adapter: its first use loads it from storage.
     bundle = api.get(f"/v1/adapters/{created['adapter_id']}/download").content
     imported = api.post("/v1/adapters/import", files={"file": ("a.zip", bundle, "application/zip")}).json()
@@ -89,6 +93,8 @@ def test_a_job_end_to_end_moves_gateway_and_worker_metrics(
     assert value(after, "atomtune_http_requests_total", method="GET", route="/v1/jobs/{job_id}", status_class="2xx")
     assert moved(before, after, "atomtune_jobs_submitted_total", kind="finetune") == 1
     assert moved(before, after, "atomtune_jobs_submitted_total", kind="generate") == 2
+    # Every label set exists from the start, so ratios over them always have a value.
+    assert ("atomtune_jobs_submitted_total", frozenset({("kind", "finetune")})) in after
     assert moved(before, after, "atomtune_auth_failures_total") == 1
     assert moved(before, after, "atomtune_requests_rejected_total", reason="unauthenticated") == 1
     assert value(after, "atomtune_queue_depth", queue="generate") == 0
@@ -97,23 +103,36 @@ def test_a_job_end_to_end_moves_gateway_and_worker_metrics(
 
     names, after = scrape(worker_url)
     before = worker_before
-    for kind, count in (("finetune", 1), ("generate", 2)):
-        assert moved(before, after, "atomtune_job_duration_seconds_count", kind=kind, outcome="succeeded") == count
-        assert moved(before, after, "atomtune_job_queue_wait_seconds_count", kind=kind, outcome="succeeded") == count
+    assert moved(before, after, "atomtune_job_duration_seconds_count", kind="generate", outcome="succeeded") == 2
+    assert moved(before, after, "atomtune_job_queue_wait_seconds_count", kind="generate", outcome="succeeded") == 2
     assert moved(before, after, "atomtune_job_duration_seconds_sum", kind="generate", outcome="succeeded") > 0
-    # Two generations of two steps each; classifier-free guidance doubles the two images per step.
-    assert moved(before, after, "atomtune_denoising_step_seconds_count") == 4
+    # Two generations of two steps each, one after the other; classifier-free guidance doubles the
+    # two images of each to four rows per step.
+    assert moved(before, after, "atomtune_denoising_step_seconds_count", rows="3-4") == 4
     assert moved(before, after, "atomtune_batch_size_sum") == 4 * 4
+    assert moved(before, after, "atomtune_batch_requests_sum") == 4
+    assert moved(before, after, "atomtune_batch_adapters_sum") == 4
+    assert value(after, "atomtune_batch_capacity_rows") == 32
     assert moved(before, after, "atomtune_atoms_active_per_token_count") == 4
     assert 0 < moved(before, after, "atomtune_atoms_active_per_token_sum") <= 4 * 16
-    assert moved(before, after, "atomtune_adapter_cache_hits_total", tier="device") == 1
-    assert moved(before, after, "atomtune_adapter_cache_misses_total", tier="device") == 1
-    assert moved(before, after, "atomtune_adapter_cache_misses_total", tier="host") == 1
-    assert moved(before, after, "atomtune_adapter_load_seconds_count", tier="storage") == 1
+    # Both generations read their adapter from storage: the trained one and the imported copy.
+    assert moved(before, after, "atomtune_adapter_cache_misses_total", tier="device") == 2
+    assert moved(before, after, "atomtune_adapter_cache_misses_total", tier="host") == 2
+    assert moved(before, after, "atomtune_adapter_load_seconds_count", tier="storage") == 2
+    # Created at zero: the hit rate has a value before the first hit.
+    assert ("atomtune_adapter_cache_hits_total", frozenset({("tier", "device")})) in after
     assert value(after, "atomtune_adapters_resident", tier="device") >= 2
-    assert moved(before, after, "atomtune_finetune_steps_total") == 3
-    assert value(after, "atomtune_finetune_loss") > 0 and value(after, "atomtune_finetune_steps_per_second") > 0
+    # Adapters on the device hold their own weights and nothing more (16 atoms x 2 blocks x 32 x 2, float32).
+    resident = value(after, "atomtune_adapters_resident", tier="device")
+    assert value(after, "atomtune_adapter_device_bytes") <= resident * 1.1 * (2 * 2 * 32 * 16 + 2 * 16) * 4
     info = {labels: v for (name, labels), v in after.items() if name == "atomtune_worker_info"}
     assert len(info) == 1 and dict(next(iter(info)))["device"] == "cpu"
     # No CUDA here: the device memory gauges exist but carry no sample.
     assert {"atomtune_device_memory_allocated_bytes", "atomtune_device_memory_reserved_bytes"} <= names
+
+    _, after = scrape(finetune_url)
+    before = finetune_before
+    assert moved(before, after, "atomtune_job_duration_seconds_count", kind="finetune", outcome="succeeded") == 1
+    assert moved(before, after, "atomtune_job_queue_wait_seconds_count", kind="finetune", outcome="succeeded") == 1
+    assert moved(before, after, "atomtune_finetune_steps_total") == 3
+    assert value(after, "atomtune_finetune_loss") > 0 and value(after, "atomtune_finetune_steps_per_second") > 0

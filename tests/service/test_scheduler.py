@@ -163,7 +163,7 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(
 
 
 def pixels(scheduler: GenerationScheduler, finished: Finished) -> list[torch.Tensor]:
-    return [torch.from_numpy(numpy.asarray(image)).int() for image in scheduler.decode(finished.latents)]
+    return [torch.from_numpy(numpy.array(image)).int() for image in scheduler.decode(finished.latents)]
 
 
 def test_alone_through_the_scheduler_is_exactly_the_pipeline(
