@@ -1,5 +1,6 @@
 """The gateway: ``create_app(settings)`` builds the FastAPI application (``uvicorn --factory``)."""
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,8 @@ from service.core.contract import MessageError
 from service.core.settings import Settings, get_settings
 from service.errors import error_body, install_error_handlers
 from service.metrics import install_metrics
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """Fine-tune sparse dictionary adapters on a shared frozen PixArt-Σ and generate with them.
 
@@ -44,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("Redis or the broker failed a request: %r", exc)
         return JSONResponse(error_body("unavailable", "the job queue (Redis) is unavailable; retry later"), 503)
 
     for error in (RedisConnectionError, RedisTimeoutError, OperationalError):

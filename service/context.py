@@ -7,7 +7,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from service.core.catalog import AdapterCatalog
-from service.core.jobs import JobStore, JobWatcher
+from service.core.jobs import EVENT_PING_SECONDS, JobStore, JobWatcher
 from service.core.queue import make_celery
 from service.core.redis_db import connect, connect_async, connect_streams
 from service.core.settings import Settings
@@ -34,7 +34,7 @@ class Services:
     def build(cls, settings: Settings) -> "Services":
         db = connect(settings.redis_url)
         adb = connect_async(settings.redis_url)
-        streams = connect_streams(settings.redis_url)
+        streams = connect_streams(settings.redis_url, max(settings.max_wait_seconds, EVENT_PING_SECONDS))
         return cls(
             settings=settings,
             db=db,

@@ -21,6 +21,8 @@ from service.core.redis_db import CLAIMED_JOBS_KEY, WORKERS_KEY, job_events_key,
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 EVENTS_MAXLEN = 1000
+EVENT_PING_SECONDS = 15.0
+"""How long an event stream waits for a change before it sends a keep-alive."""
 FINISHED_EVENTS_TTL_SECONDS = 24 * 3600
 
 
@@ -387,7 +389,7 @@ class JobWatcher:
         data = await self.db.hgetall(job_key(job_id))
         return parse_job(job_id, data) if data else None
 
-    async def events(self, job_id: str, ping_seconds: float = 15.0) -> AsyncIterator[JobEvent]:
+    async def events(self, job_id: str, ping_seconds: float = EVENT_PING_SECONDS) -> AsyncIterator[JobEvent]:
         """The current state, then every change, until the job ends."""
         stream = job_events_key(job_id)
         # Take the stream position before the snapshot, so no change between the two is missed.

@@ -20,13 +20,18 @@ def connect_async(url: str) -> aioredis.Redis:
 # opening connections without bound.
 STREAM_CONNECTIONS = 200
 STREAM_POOL_TIMEOUT_SECONDS = 5.0
+STREAM_READ_MARGIN_SECONDS = 10.0
 
 
-def connect_streams(url: str) -> aioredis.Redis:
+def connect_streams(url: str, longest_block_seconds: float) -> aioredis.Redis:
+    """The pool for blocking XREADs of up to ``longest_block_seconds``. Its reads may take that long
+    and a little more: redis-py's default socket timeout (5 s since redis-py 8) would cut every
+    longer block short with a TimeoutError."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=STREAM_CONNECTIONS,
         timeout=STREAM_POOL_TIMEOUT_SECONDS,
+        socket_timeout=longest_block_seconds + STREAM_READ_MARGIN_SECONDS,
         decode_responses=True,
         health_check_interval=30,
     )

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     max_streams_per_tenant: int = Field(default=8, ge=1)
 
     max_batch: int = Field(
-        default=32,
+        default=64,
         ge=1,
         description="Rows in one denoising step of a generation worker, and generations it takes at once.",
     )

@@ -112,7 +112,7 @@ def test_a_job_end_to_end_moves_gateway_and_worker_metrics(
     assert moved(before, after, "atomtune_batch_size_sum") == 4 * 4
     assert moved(before, after, "atomtune_batch_requests_sum") == 4
     assert moved(before, after, "atomtune_batch_adapters_sum") == 4
-    assert value(after, "atomtune_batch_capacity_rows") == 32
+    assert value(after, "atomtune_batch_capacity_rows") == 64
     assert moved(before, after, "atomtune_atoms_active_per_token_count") == 4
     assert 0 < moved(before, after, "atomtune_atoms_active_per_token_sum") <= 4 * 16
     # Both generations read their adapter from storage: the trained one and the imported copy.

@@ -1,6 +1,8 @@
 """The gateway's contract: auth, validation with messages that say what to fix, ownership, paging."""
 
 import io
+import json
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -367,6 +369,23 @@ def test_event_streams_and_waits_are_bounded_per_tenant(
     wait_for(lambda: db.get(key) == "0", 10, "the stream slots to be given back")
     with api.stream("GET", f"/v1/jobs/{job_id}/events") as response:
         assert response.status_code == 200
+
+
+def test_an_event_stream_outlasts_a_quiet_spell_longer_than_a_socket_timeout(
+    new_tenant: Callable[[str], Api], settings: Settings, generate_params: Callable[..., GenerateParams]
+) -> None:
+    """redis-py 8 reads with a 5 s socket timeout by default; a blocking XREAD must outlast it."""
+    api = new_tenant("quiet")
+    jobs = JobStore(connect(settings.redis_url))
+    job_id = new_id()  # never enqueued: nothing happens to it until it is cancelled
+    jobs.create(job_id, api.tenant_id, generate_params(steps=1), max_active=1)  # type: ignore[attr-defined]
+    with api.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        time.sleep(7)
+        assert api.delete(f"/v1/jobs/{job_id}").status_code == 202
+        rest = list(lines)
+    assert json.loads([line for line in rest if line.startswith("data: ")][-1][6:])["status"] == "cancelled"
 
 
 def _adapter_zip(tmp_path: Path, fingerprint: str, num_atoms: int, features: int, num_blocks: int) -> bytes:
