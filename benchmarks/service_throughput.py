@@ -365,9 +365,16 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="ATOMTUNE_MAX_BATCH of the batched worker (rows)")
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a PixArt-Σ pipeline folder (default: the demo model)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads of every process (default: torch's choice)"
+    )
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "service_throughput.json"))
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
+    if args.threads:
+        # Inherited by the stacks' processes, so the workers and this process's engine run alike.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     fractions = [0.5] if args.quick else [0.25, 0.5, 0.75]
     started_at = time.perf_counter()
 
@@ -403,7 +410,6 @@ def main() -> None:
         engine_ideal(pipeline, host, requests[:2], names)
 
         lone = [submit(tenants["batched"], requests[i]).latency for i in range(5)]
-        lone_latency = statistics.median(lone)
 
         throughput: dict[str, list[float]] = {"batched": [], "unbatched": [], "engine_ideal": []}
         ratio_unbatched, ratio_ideal = [], []
@@ -432,6 +438,8 @@ def main() -> None:
 
         loads = []
         for fraction in fractions:
+            # Lone requests between the loads: the machine's neighbours move both alike.
+            lone += [submit(tenants["batched"], requests[i]).latency for i in range(3)]
             rate = fraction * saturated
             makespan, outcomes = run_load(tenants["batched"], requests, rate, 100 + int(fraction * 100))
             values = [o.latency for o in outcomes]
@@ -448,6 +456,7 @@ def main() -> None:
             p50, p99 = loads[-1]["p50_latency_s"], loads[-1]["p99_latency_s"]
             print(f"load {fraction:.2f} of saturation: p50 {p50:.2f} s, p99 {p99:.2f} s", flush=True)
         half = next(load for load in loads if load["fraction_of_saturated"] == 0.5)
+        lone_latency = statistics.median(lone)
 
         metrics = scrape(batched)
         resident = metrics.get(("atomtune_adapters_resident", frozenset({("tier", "device")})), 0.0)
@@ -467,6 +476,7 @@ def main() -> None:
             "adapter": {"num_atoms": ATOMS, "density": DENSITY, "weight_bytes": weight_bytes},
             "max_batch_rows": args.max_batch,
             "rounds": rounds,
+            "threads": torch.get_num_threads(),
             "throughput_images_per_s": {name: statistics.median(v) for name, v in throughput.items()},
             "throughput_per_round": throughput,
             "throughput_ratio_vs_unbatched": statistics.median(ratio_unbatched),

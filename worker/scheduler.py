@@ -20,6 +20,7 @@ Requests of different sizes never share a forward pass: they form groups, steppe
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
@@ -43,6 +44,8 @@ from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 NO_CONDITIONS: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class JobCancelled(Exception):
@@ -129,6 +132,40 @@ class Request:
         return self.index >= len(self.timesteps)
 
 
+class Batcher(Generic[Item, Result]):
+    """A thread that runs ``work`` once on every item submitted since its last run; a caller waits
+    for its own item's result. Alone, an item is worked on alone, as it would be without this."""
+
+    def __init__(self, name: str, work: Callable[[list[Item]], list[Result]]) -> None:
+        self._work = work
+        self._waiting: list[tuple[Item, Future[Result]]] = []
+        self._ready = threading.Condition()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def __call__(self, item: Item) -> Result:
+        future: Future[Result] = Future()
+        with self._ready:
+            self._waiting.append((item, future))
+            self._ready.notify()
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting:
+                    self._ready.wait()
+                batch, self._waiting = self._waiting, []
+            try:
+                with torch.no_grad():
+                    results = self._work([item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                future.set_result(result)
+
+
 def _atom_mask(spec: AtomMaskSpec | None, num_atoms: int) -> dict[int, torch.Tensor] | None:
     if spec is None:
         return None
@@ -155,8 +192,10 @@ class GenerationScheduler:
         self._turn = 0
         # What the last forward pass of a membership built, reused while it holds.
         self._batched: tuple[list[Request], list[SampleRoute], torch.Tensor, torch.Tensor] | None = None
-        # The tokenizer and text encoder are not safe to call from several task threads at once.
-        self._encoder = threading.Lock()
+        # Prompts are encoded and latents decoded for every request waiting at the time in one call
+        # each, in threads of their own: batched like the steps, and beside them.
+        self._encoder = Batcher("encoder", self._encode)
+        self._decoder = Batcher("decoder", self._decode)
         self._thread = threading.Thread(target=self._loop, name="denoising", daemon=True)
         self._thread.start()
 
@@ -169,18 +208,7 @@ class GenerationScheduler:
         guided = generation.guidance_scale > 1
         sample = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
         height, width = generation.height or sample, generation.width or sample
-        with self._encoder, torch.no_grad():
-            embeds, mask, negative, negative_mask = pipeline.encode_prompt(
-                generation.prompt,
-                guided,
-                negative_prompt=generation.negative_prompt,
-                num_images_per_prompt=generation.num_images,
-                device=device,
-                clean_caption=False,
-                max_sequence_length=self.runtime.max_sequence_length,
-            )
-        if guided:
-            embeds, mask = torch.cat([negative, embeds]), torch.cat([negative_mask, mask])
+        embeds, mask = self._encoder(generation)
         noise_scheduler = copy.deepcopy(pipeline.scheduler)
         timesteps, _ = retrieve_timesteps(noise_scheduler, generation.steps, device)
         generator = torch.Generator().manual_seed(generation.seed)
@@ -210,11 +238,45 @@ class GenerationScheduler:
         return request.future.result()
 
     def decode(self, latents: torch.Tensor) -> list[Any]:
-        """The pipeline's VAE decode and post-processing, in the caller's thread."""
+        """The pipeline's VAE decode and post-processing, batched with other requests' that wait."""
+        return self._decoder(latents)
+
+    def _encode(self, generations: list[Generation]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``encode_prompt`` for several requests in one call; each one's embeddings, [negative;
+        positive] under guidance, repeated per image as the pipeline repeats them."""
         pipeline = self.runtime.pipeline
-        with torch.no_grad():
-            images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor)[0]
-        return list(pipeline.image_processor.postprocess(images, output_type="pil"))
+        guided = [g.guidance_scale > 1 for g in generations]
+        embeds, mask, negative, negative_mask = pipeline.encode_prompt(
+            [g.prompt for g in generations],
+            any(guided),
+            negative_prompt=[g.negative_prompt for g in generations],
+            num_images_per_prompt=1,
+            device=self.runtime.device,
+            clean_caption=False,
+            max_sequence_length=self.runtime.max_sequence_length,
+        )
+        encoded = []
+        for index, generation in enumerate(generations):
+            count = generation.num_images
+            rows = slice(index, index + 1)
+            own = (
+                embeds[rows].repeat(1, count, 1).view(count, *embeds.shape[1:]),
+                mask[rows].repeat(1, count).view(count, -1),
+            )
+            if guided[index]:
+                uncond = negative[rows].repeat(1, count, 1).view(count, *negative.shape[1:])
+                uncond_mask = negative_mask[rows].repeat(1, count).view(count, -1)
+                own = (torch.cat([uncond, own[0]]), torch.cat([uncond_mask, own[1]]))
+            encoded.append(own)
+        return encoded
+
+    def _decode(self, batches: list[torch.Tensor]) -> list[list[Any]]:
+        pipeline = self.runtime.pipeline
+        latents = torch.cat(batches) if len(batches) > 1 else batches[0]
+        images = pipeline.vae.decode(latents.to(pipeline.vae.dtype) / pipeline.vae.config.scaling_factor)[0]
+        pil = pipeline.image_processor.postprocess(images, output_type="pil")
+        bounds = [0, *itertools.accumulate(batch.shape[0] for batch in batches)]
+        return [list(pil[start:end]) for start, end in itertools.pairwise(bounds)]
 
     # -- the loop thread ------------------------------------------------------------------------
 
