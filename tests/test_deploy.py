@@ -147,9 +147,9 @@ def test_prometheus_scrapes_the_gateway_and_every_worker_where_they_serve(compos
     assert "8000:8000" in services["gateway"]["ports"]
     for name in WORKERS:
         port = int(service_env(compose, name)["ATOMTUNE_WORKER_METRICS_PORT"])
-        # One pool process per worker container, so one metrics port.
+        # A generation worker on the port and a fine-tuning worker of one pool process on the next.
         assert services[name]["command"] == ["worker", "--concurrency", "1"]
-        assert (name, port) in targets["worker"]
+        assert {(name, port), (name, port + 1)} <= targets["worker"]
         assert f"127.0.0.1:{port}/metrics" in services[name]["healthcheck"]["test"][-1]
 
 
