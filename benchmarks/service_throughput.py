@@ -91,13 +91,18 @@ class Stack:
     gateway: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    queues: str = "generate"
+    """`atomtune worker --queues`; "both" is one Celery worker on both queues, as before issue #13."""
 
     @property
     def redis_url(self) -> str:
         return self.env["ATOMTUNE_REDIS_URL"]
 
     def start_worker(self) -> None:
-        command = [sys.executable, "-m", "service.cli", "worker", "--queues", "generate", "--loglevel", "warning"]
+        command = [sys.executable, "-m", "service.cli", "worker", "--queues", self.queues, "--loglevel", "warning"]
+        if self.queues == "both":
+            queues = "atomtune.finetune,atomtune.generate"
+            command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queues, "-c", "1"]
         assert self.log is not None
         out = self.log.open("ab")
         self.worker = subprocess.Popen(command, env=self.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -114,7 +119,14 @@ class Stack:
 
 
 def start_stack(
-    name: str, redis_port: int, database: int, model: str, max_batch: int, device: str, folder: Path
+    name: str,
+    redis_port: int,
+    database: int,
+    model: str,
+    max_batch: int,
+    device: str,
+    folder: Path,
+    queues: str = "generate",
 ) -> Stack:
     env = {
         **os.environ,
@@ -132,7 +144,7 @@ def start_stack(
     log = folder / f"{name}.log"
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--loglevel", "warning"]
     gateway = subprocess.Popen(command, env=env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    stack = Stack(name, env, f"http://127.0.0.1:{port}", gateway, log=log)
+    stack = Stack(name, env, f"http://127.0.0.1:{port}", gateway, log=log, queues=queues)
 
     def healthy() -> bool:
         try:

@@ -170,12 +170,14 @@ def test_top_atoms_keeps_the_most_important(transformer: PixArtTransformer2DMode
         assert torch.equal(atoms_used, expected)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["interleaved", "grouped"])
 @pytest.mark.parametrize("with_wider_adapter", [True, False], ids=["two-widths", "one-width"])
-def test_mixed_batch_equals_each_sample_alone(with_wider_adapter: bool) -> None:
-    """With one adapter width the batch takes the fused output projection, row group by row
-    group (the adapter-less row included); with two it takes the two-product path."""
+def test_mixed_batch_equals_each_sample_alone(with_wider_adapter: bool, grouped: bool) -> None:
+    """Row groups read and write their rows by index, or, when an adapter's rows are consecutive
+    (``grouped``), as views; the output projection is the two products, or with one adapter
+    width and ``fuse_output`` one fused product per row group (the adapter-less row included)."""
     transformer = tiny_transformer()
-    host = AdapterHost(transformer)
+    host = AdapterHost(transformer, fuse_output=not with_wider_adapter)
     host.add("x", trained_like(transformer, seed=7, density=0.25))
     host.add("y", trained_like(transformer, seed=8, activation="relu", threshold=0.2))
     host.add("wide", SparseDictionaryAdapter.create(SparseDictionaryConfig(num_atoms=32), transformer))
@@ -190,6 +192,8 @@ def test_mixed_batch_equals_each_sample_alone(with_wider_adapter: bool) -> None:
     ]
     if with_wider_adapter:
         routes.append(SampleRoute("wide"))
+    if grouped:
+        routes.sort(key=lambda route: str(route.adapter))
     batch = inputs(len(routes))
     with host.route(routes):
         mixed = forward(transformer, batch)
@@ -203,7 +207,7 @@ def test_mixed_batch_equals_each_sample_alone(with_wider_adapter: bool) -> None:
 def test_fused_output_projection_equals_two_products_and_follows_changes_to_d(
     transformer: PixArtTransformer2DModel,
 ) -> None:
-    fused_host = AdapterHost(transformer)
+    fused_host = AdapterHost(transformer, fuse_output=True)
     adapter = trained_like(transformer, seed=12)
     fused_host.add("x", adapter)
     batch = inputs(2)
@@ -215,6 +219,8 @@ def test_fused_output_projection_equals_two_products_and_follows_changes_to_d(
     before = run(fused_host)
     # Private state, read only to show the fused matrices were built and so were what ran.
     assert len(fused_host._output_weights) == len(adapter.blocks)
+    own = adapter.nbytes() + sum(t.numel() * t.element_size() for t in adapter.importance.values())
+    assert fused_host.resident_bytes("x") > 2 * own  # the price of the fused matrices
     with torch.no_grad():
         for layer in adapter.layers.values():
             layer.dictionary.mul_(-1.5)  # in place, as an optimiser step changes D
@@ -226,7 +232,22 @@ def test_fused_output_projection_equals_two_products_and_follows_changes_to_d(
     assert relative_error(after, expected) < 1e-5
     assert relative_error(after, before) > 1e-2
     assert not plain_host._output_weights
+    assert plain_host.resident_bytes("x") == own
     plain_host.remove("x")
+
+
+def test_a_resident_adapter_costs_its_weights_in_the_bases_dtype() -> None:
+    transformer = tiny_transformer().to(torch.bfloat16)
+    host = AdapterHost(transformer)
+    adapter = trained_like(tiny_transformer(), seed=13)
+    assert adapter.layer(0).dictionary.dtype == torch.float32  # type: ignore[union-attr]
+    host.add("x", adapter)
+    assert all(p.dtype == torch.bfloat16 for p in host.get("x").parameters())
+    weights = sum(p.numel() for p in adapter.parameters()) * 2
+    importance = sum(t.numel() * t.element_size() for t in adapter.importance.values())
+    with host.route([SampleRoute("x")]):
+        forward(transformer, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs(2).items()})
+    assert host.resident_bytes("x") == weights + importance
 
 
 def test_routes_tile_over_a_guidance_doubled_batch(transformer: PixArtTransformer2DModel) -> None:

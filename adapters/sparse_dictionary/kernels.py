@@ -196,5 +196,10 @@ def add_dictionary_update(output: torch.Tensor, mixed: torch.Tensor, groups: lis
         rows = mixed if group.rows is None else mixed[group.rows]
         rows = rows[..., :per_head].reshape(rows.shape[0], tokens, -1)
         delta = rows @ group.layer.dictionary.to(mixed.dtype)
-        output = output + delta if group.rows is None else output.index_add_(0, group.rows, delta)
+        if group.rows is None:
+            output = output + delta
+        elif isinstance(group.rows, slice):
+            output[group.rows] += delta
+        else:
+            output.index_add_(0, group.rows, delta)
     return output

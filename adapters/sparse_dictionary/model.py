@@ -268,7 +268,7 @@ class AdapterHost:
                 GroupPlan(
                     layer=adapter.layer(block),  # type: ignore[arg-type]
                     config=config,
-                    rows=None if rows == list(range(batch_size)) else torch.tensor(rows, device=device),
+                    rows=_rows(rows, batch_size, device),
                     k_per_row=None
                     if all(k is None for k in ks)
                     else tuple(config.num_atoms if k is None else k for k in ks),
@@ -281,6 +281,14 @@ class AdapterHost:
                 )
             )
         return groups
+
+
+def _rows(rows: list[int], batch_size: int, device: torch.device) -> torch.Tensor | slice | None:
+    if rows == list(range(batch_size)):
+        return None
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
 
 
 def _top_k(config: SparseDictionaryConfig, route: SampleRoute) -> int | None:

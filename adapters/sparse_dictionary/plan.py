@@ -22,8 +22,9 @@ class GroupPlan:
 
     layer: SparseDictionaryLayer
     config: SparseDictionaryConfig
-    rows: torch.Tensor | None
-    """Row indices into the attention batch; ``None`` means every row, in order (no gather)."""
+    rows: torch.Tensor | slice | None
+    """Row indices into the attention batch; a slice where they are consecutive, so reading and
+    writing them are views rather than a gather and a scatter; ``None`` means every row."""
     k_per_row: tuple[int, ...] | None
     """Atoms kept per token for each row, or ``None`` where no row applies top-k."""
     keep: torch.Tensor | None
