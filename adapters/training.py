@@ -60,6 +60,11 @@ class TrainingConfig:
     max_sequence_length: int = 120
     importance_probes: int = 8
     """Timesteps per training image at which atom importance is measured after training."""
+    calibrate_init: bool = True
+    """Scale W_s's initialisation to the measured RMS of each block's self-attention input on the
+    training images, so the coefficients start at unit variance. PixArt's normalised and
+    modulated attention input is far from unit-RMS (0.23-0.28 on the demo model), and with
+    small coefficients the atoms' gradients, and so the early learning, are small too."""
 
     def validate(self) -> None:
         if not 1 <= self.steps <= 100_000:
@@ -160,12 +165,15 @@ def train_adapter(
     timesteps each.
     """
     config.validate()
-    adapter = SparseDictionaryAdapter.create(adapter_config, pipeline.transformer, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = encode_concept(pipeline, images, prompt, config, generator)
+    input_rms = None
+    if config.calibrate_init:
+        input_rms = measure_input_rms(pipeline.transformer, adapter_config.blocks(host.num_blocks), data)
+    adapter = SparseDictionaryAdapter.create(adapter_config, pipeline.transformer, config.seed, input_rms)
     name = f"__training_{id(adapter)}"
     host.add(name, adapter)
     try:
-        generator = torch.Generator().manual_seed(config.seed)
-        data = encode_concept(pipeline, images, prompt, config, generator)
         adapter.float().train()
         with host.route([SampleRoute(name)]):
             losses, seconds = _fit(
@@ -185,6 +193,41 @@ def train_adapter(
     finally:
         host.remove(name)
     return TrainingResult(adapter, losses, seconds)
+
+
+@torch.no_grad()
+def measure_input_rms(
+    transformer: nn.Module, blocks: Sequence[int], data: ConceptData, probes: int = 4
+) -> dict[int, float]:
+    """Per block, the RMS of its self-attention input over the training latents, noised at
+    ``probes`` evenly spaced timesteps (the modulation that scales the input depends on t)."""
+    squares = dict.fromkeys(blocks, 0.0)
+    counts = dict.fromkeys(blocks, 0)
+
+    def recorder(block: int) -> Callable[..., None]:
+        def record(_: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            squares[block] += float(hidden.double().square().sum())
+            counts[block] += hidden.numel()
+
+        return record
+
+    handles = [
+        transformer.transformer_blocks[block].attn1.register_forward_pre_hook(recorder(block), with_kwargs=True)
+        for block in blocks
+    ]
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for timestep in torch.linspace(0, scheduler.config.num_train_timesteps - 1, probes).round().long():
+            batch = data.latents.shape[0]
+            noise = torch.randn(data.latents.shape, generator=generator).to(data.latents.device)
+            noisy = scheduler.add_noise(data.latents, noise, timestep.repeat(batch))
+            _predict_noise(transformer, noisy, timestep.repeat(batch).to(noisy.device), data, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {block: (squares[block] / max(counts[block], 1)) ** 0.5 for block in blocks}
 
 
 def train_baseline(
