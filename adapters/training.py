@@ -83,11 +83,19 @@ class TrainingConfig:
 
 @dataclass
 class ConceptData:
-    """A concept's training data, encoded once: VAE latents and the prompt's T5 embedding."""
+    """A concept's training data, encoded once: VAE latents and the T5 embedding of its prompt,
+    one for every image or one per image (its caption)."""
 
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     prompt_attention_mask: torch.Tensor
+
+    def conditioning(self, picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt embeddings and mask for the images ``picks`` selects."""
+        if self.prompt_embeds.shape[0] == 1:
+            batch = picks.shape[0]
+            return self.prompt_embeds.expand(batch, -1, -1), self.prompt_attention_mask.expand(batch, -1)
+        return self.prompt_embeds[picks], self.prompt_attention_mask[picks]
 
 
 @dataclass
@@ -109,17 +117,24 @@ def native_resolution(pipeline: PixArtSigmaPipeline) -> int:
     return int(pipeline.transformer.config.sample_size) * int(pipeline.vae_scale_factor)
 
 
+Prompt = str | Sequence[str]
+"""One prompt for every training image, or one caption per image (in the images' order)."""
+
+
 def encode_concept(
     pipeline: PixArtSigmaPipeline,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: Prompt,
     config: TrainingConfig,
     generator: torch.Generator,
 ) -> ConceptData:
-    """VAE-encode the images and T5-encode the prompt once, as the training recipe does."""
+    """VAE-encode the images and T5-encode the prompt (or captions) once, as the training recipe does."""
     if not images:
         raise ValueError("give at least one training image")
-    if not prompt.strip():
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) not in (1, len(images)):
+        raise ValueError(f"give one prompt, or one caption per image: {len(prompts)} captions for {len(images)} images")
+    if not all(text.strip() for text in prompts):
         raise ValueError("the prompt must name the concept")
     device = pipeline.transformer.device
     resolution = config.resolution or native_resolution(pipeline)
@@ -129,7 +144,7 @@ def encode_concept(
         noise = torch.randn(distribution.mean.shape, generator=generator).to(device, distribution.mean.dtype)
         latents = (distribution.mean + distribution.std * noise) * pipeline.vae.config.scaling_factor
         embeds, mask, _, _ = pipeline.encode_prompt(
-            prompt,
+            prompts,
             do_classifier_free_guidance=False,
             device=device,
             clean_caption=False,
@@ -152,7 +167,7 @@ def train_adapter(
     pipeline: PixArtSigmaPipeline,
     host: AdapterHost,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: Prompt,
     adapter_config: SparseDictionaryConfig,
     config: TrainingConfig,
     on_progress: ProgressCallback | None = None,
@@ -223,7 +238,8 @@ def measure_input_rms(
             batch = data.latents.shape[0]
             noise = torch.randn(data.latents.shape, generator=generator).to(data.latents.device)
             noisy = scheduler.add_noise(data.latents, noise, timestep.repeat(batch))
-            _predict_noise(transformer, noisy, timestep.repeat(batch).to(noisy.device), data, batch)
+            everyone = torch.arange(batch, device=noisy.device)
+            _predict_noise(transformer, noisy, timestep.repeat(batch).to(noisy.device), data, everyone)
     finally:
         for handle in handles:
             handle.remove()
@@ -233,7 +249,7 @@ def measure_input_rms(
 def train_baseline(
     pipeline: PixArtSigmaPipeline,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: Prompt,
     method: BaselineMethod,
     config: TrainingConfig,
     on_progress: ProgressCallback | None = None,
@@ -298,7 +314,7 @@ def _fit(
             )
             noisy = scheduler.add_noise(latents, noise, timesteps).to(device)
             with _autocast(device, config.mixed_precision):
-                prediction = _predict_noise(transformer, noisy, timesteps.to(device), data, config.batch_size)
+                prediction = _predict_noise(transformer, noisy, timesteps.to(device), data, picks.to(device))
             loss = F.mse_loss(prediction.float(), noise.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -313,13 +329,15 @@ def _fit(
 
 
 def _predict_noise(
-    transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, data: ConceptData, batch: int
+    transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, data: ConceptData, picks: torch.Tensor
 ) -> torch.Tensor:
+    """The predicted noise of ``noisy``, the latents of the images ``picks`` selects, noised."""
     dtype = next(transformer.parameters()).dtype
+    embeds, mask = data.conditioning(picks)
     output = transformer(
         noisy.to(dtype),
-        encoder_hidden_states=data.prompt_embeds.expand(batch, -1, -1),
-        encoder_attention_mask=data.prompt_attention_mask.expand(batch, -1),
+        encoder_hidden_states=embeds,
+        encoder_attention_mask=mask,
         timestep=timesteps,
         added_cond_kwargs={"resolution": None, "aspect_ratio": None},
     ).sample

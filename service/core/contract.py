@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bump on any change to a message below that a reader of the previous version would misread."""
 
 JobKind = Literal["finetune", "generate"]
@@ -90,6 +90,7 @@ class AdapterSpec(_Part):
 class TrainingSpec(_Part):
     steps: int
     learning_rate: float
+    batch_size: int
     seed: int
     resolution: int | None
     """Training image side in pixels; None is the base model's own size."""
@@ -103,6 +104,8 @@ class FinetuneParams(Message):
     adapter_id: str
     """The adapter record the job trains; its uploads folder holds ``images``."""
     prompt: str
+    captions: list[str] | None
+    """One caption per image, in ``images``' order; None trains every image on ``prompt``."""
     adapter: AdapterSpec
     training: TrainingSpec
     images: list[str]

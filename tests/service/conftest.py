@@ -215,6 +215,7 @@ def _generate_params(**fields: object) -> GenerateParams:
         "density": None,
         "atom_mask": None,
         "top_atoms": None,
+        "adapter_guidance": "conditional",
         "num_images": 1,
         "steps": 20,
         "guidance_scale": 4.5,
