@@ -1,11 +1,14 @@
 """Concept customisation on the demo model: does a tenant's fine-tune yield their concept?
 
 The concept is a striped heart (`world.CONCEPT`), a shape and texture the demo model never saw,
-learned as "sks" from five renders captioned with one prompt ("a red sks on a black background").
-Every method is then asked for it, and the judge (`benchmarks/judge.py`) scores what it draws:
+learned as "sks" from six renders, two in each of three contexts, each captioned with its context
+("a red sks on a black background", "a blue sks on a white background", ...), as the shipped
+example `examples/striped-heart/` is (`--training single`: five renders of one context, all on
+one prompt). Every method is then asked for it, and the judge (`benchmarks/judge.py`) scores what
+it draws:
 
 * training-prompt fidelity: the judge's mean probability of the concept class on the training
-  prompt itself (the paper's CLIP-I to the concept images);
+  captions themselves (the paper's CLIP-I to the concept images);
 * recontextualisation: the same on held-out colour/background pairs named in the prompt (a new
   colour *and* a new background each), with the share of images whose colour and background the
   judge finds as prompted (the paper's CLIP-T);
@@ -69,10 +72,35 @@ from benchmarks.train_demo_model import (
     quiet_progress_bars,
 )
 
-TRAIN_PAIR = ("red", "black")
-TRAIN_PROMPT = world.caption(world.CONCEPT_TOKEN, *TRAIN_PAIR)
-# A new colour and a new background each, all pairs whose renders survive the VAE round trip.
-HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The concept's training images: ``per_context`` renders in each (colour, background)."""
+
+    contexts: tuple[Pair, ...]
+    per_context: int
+
+    def images(self, seed: int = 0) -> list[Image.Image]:
+        return [
+            image for i, pair in enumerate(self.contexts) for image in concept_images(seed + i, self.per_context, pair)
+        ]
+
+    def captions(self) -> list[str]:
+        return [caption for caption in self.prompts() for _ in range(self.per_context)]
+
+    def prompts(self) -> list[str]:
+        return [world.caption(world.CONCEPT_TOKEN, *pair) for pair in self.contexts]
+
+
+TRAINING_SETS = {
+    # The concept in varied contexts, each image captioned with its own: what examples/ ships.
+    "varied": TrainingSet((("red", "black"), ("blue", "white"), ("yellow", "pink")), per_context=2),
+    "single": TrainingSet((("red", "black"),), per_context=5),
+}
+# Combinations no training image shows; all survive the VAE round trip (their ceilings are reported).
+HELD_OUT_PAIRS: tuple[Pair, ...] = (
     ("blue", "pink"),
     ("yellow", "grey"),
     ("purple", "white"),
@@ -89,7 +117,6 @@ PRESERVATION: tuple[tuple[str, str, str], ...] = (
     ("square", "red", "black"),
     ("triangle", "blue", "grey"),
 )
-CONCEPT_IMAGES = 5
 ADAPTER = "concept"
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}
 """Student's t quantiles (0.975) by degrees of freedom, for 95 % intervals over seeds."""
@@ -114,7 +141,7 @@ class Recipe:
 
 # Each method's best recipe from `--sweep` on this model (benchmarks/RESULTS.md has the sweep).
 RECIPES: dict[str, Recipe] = {
-    "ours": Recipe(3e-3, 1000),
+    "ours": Recipe(3e-3, 2000),
     "lora": Recipe(1e-3, 1000),
     "dora": Recipe(1e-3, 1000),
     "oft": Recipe(3e-3, 1000),
@@ -148,7 +175,7 @@ FULL = Budget(
     atom_counts=(16, 64, 256, 1024),
     top_atoms=(1, 2, 4, 8, 16, 40, 64),
     sweep_learning_rates=(1e-4, 1e-3, 3e-3),
-    sweep_steps=(500, 1000),
+    sweep_steps=(1000, 2000),
 )
 QUICK = Budget(
     seeds=(0,),
@@ -177,7 +204,7 @@ METHODS: tuple[Method, ...] = (
 # -- the concept and its ceilings -------------------------------------------------------------
 
 
-def concept_images(seed: int = 0, count: int = CONCEPT_IMAGES, pair: tuple[str, str] = TRAIN_PAIR) -> list[Image.Image]:
+def concept_images(seed: int, count: int, pair: Pair) -> list[Image.Image]:
     """Renders of the concept in one colour on one background, varied position, size and tilt."""
     combos = [(world.CONCEPT, *pair)]
     return [world.render(scene, RESOLUTION) for scene in world.scenes(seed, count, combos)]
@@ -279,7 +306,7 @@ def _sample_chunk(
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
-def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: Path) -> Tuned:
+def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: Path, training: TrainingSet) -> Tuned:
     """Loads a fresh base (PEFT wraps it in place) and trains ``method`` on the concept."""
     pipe = load_demo_model(model)
     config = TrainingConfig(
@@ -289,14 +316,14 @@ def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: 
         seed=seed,
         max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
     )
-    images = concept_images()
+    images, captions = training.images(), training.captions()
     started = time.perf_counter()
     if method.kind == "base":
         return Tuned(pipe, on=nullcontext, off=nullcontext)
     if method.kind == "ours":
         host = AdapterHost(pipe.transformer)
         adapter_config = SparseDictionaryConfig(num_atoms=method.num_atoms, density=method.density)
-        result = train_adapter(pipe, host, images, TRAIN_PROMPT, adapter_config, config)
+        result = train_adapter(pipe, host, images, captions, adapter_config, config)
         host.add(ADAPTER, result.adapter)
         parameters = sum(p.numel() for p in result.adapter.parameters())
         return Tuned(
@@ -308,9 +335,9 @@ def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: 
             host=host,
         )
     if method.rank is not None:
-        model_ = _train_low_rank(pipe, images, method.rank, config)
+        model_ = _train_low_rank(pipe, images, captions, method.rank, config)
     else:
-        model_ = train_baseline(pipe, images, TRAIN_PROMPT, method.kind, config).model  # type: ignore[arg-type]
+        model_ = train_baseline(pipe, images, captions, method.kind, config).model  # type: ignore[arg-type]
     parameters = sum(p.numel() for name, p in model_.named_parameters() if any(t in name for t in ("lora_", "oft_")))
     return Tuned(
         pipe,
@@ -322,7 +349,7 @@ def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: 
 
 
 def _train_low_rank(
-    pipe: PixArtSigmaPipeline, images: list[Image.Image], rank: int, config: TrainingConfig
+    pipe: PixArtSigmaPipeline, images: list[Image.Image], captions: list[str], rank: int, config: TrainingConfig
 ) -> torch.nn.Module:
     """LoRA of another rank through the same loop (Figure 4 compares rank 1 with one atom)."""
     from peft import LoraConfig, get_peft_model
@@ -332,7 +359,7 @@ def _train_low_rank(
     torch.manual_seed(config.seed)
     model = get_peft_model(pipe.transformer, LoraConfig(r=rank, lora_alpha=rank, target_modules=PEFT_TARGET_MODULES))
     generator = torch.Generator().manual_seed(config.seed)
-    data = encode_concept(pipe, images, TRAIN_PROMPT, config, generator)
+    data = encode_concept(pipe, images, captions, config, generator)
     _fit(pipe, [p for p in model.parameters() if p.requires_grad], data, config, generator, None, None)
     return model
 
@@ -354,12 +381,12 @@ class Scores:
 
 
 def evaluate(
-    tuned: Tuned, judge: judge_module.Judge, seed: int, budget: Budget, branch: str
+    tuned: Tuned, judge: judge_module.Judge, seed: int, budget: Budget, branch: str, training_set: TrainingSet
 ) -> tuple[Scores, dict[str, list[Image.Image]]]:
     per = budget.images_per_prompt
     steps = budget.inference_steps
     pairs = HELD_OUT_PAIRS[: budget.held_out_pairs]
-    training = sample(tuned, [TRAIN_PROMPT] * per, seed, steps, branch)
+    training = sample(tuned, [prompt for prompt in training_set.prompts() for _ in range(per)], seed, steps, branch)
     held_out_prompts = [world.caption(world.CONCEPT_TOKEN, *pair) for pair in pairs for _ in range(per)]
     held_out = sample(tuned, held_out_prompts, seed + 1, steps, branch)
     ordinary_prompts = [world.caption(*combo) for combo in PRESERVATION for _ in range(max(per // 4, 1))]
@@ -380,7 +407,7 @@ def evaluate(
             recontext_background=float(background),
             preservation=preservation_accuracy(judge, ordinary, per),
             diversity=float(np.mean([judge_module.vendi_score(group) for group in embeddings])),
-            copy_ratio=copy_ratio(training, concept_images()),
+            copy_ratio=copy_ratio(training, training_set.images()),
             per_pair={f"{c}/{b}": float(concept[i * per : (i + 1) * per].mean()) for i, (c, b) in enumerate(pairs)},
         ),
         {"training prompt": training, "held-out pairs": held_out, "ordinary prompts": ordinary},
@@ -447,11 +474,12 @@ def run_method(
     model: Path,
     judge: judge_module.Judge,
     branch: str,
+    training: TrainingSet,
     recipe: Recipe | None = None,
 ) -> tuple[Run, Tuned, dict[str, list[Image.Image]]]:
     recipe = recipe or RECIPES.get(method.kind, Recipe(0.0, 0))
-    tuned = fine_tune(method, recipe, seed, budget, model)
-    scores, images = evaluate(tuned, judge, seed, budget, branch)
+    tuned = fine_tune(method, recipe, seed, budget, model, training)
+    scores, images = evaluate(tuned, judge, seed, budget, branch, training)
     return Run(method, recipe, seed, scores, tuned.trainable_parameters, tuned.train_seconds), tuned, images
 
 
@@ -459,7 +487,7 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_sweep(budget: Budget, model: Path, output: Path, branch: str) -> dict[str, object]:
+def run_sweep(budget: Budget, model: Path, output: Path, branch: str, training: TrainingSet) -> dict[str, object]:
     """Each method's recipe: training-prompt and held-out fidelity over learning rate x steps."""
     judge = judge_module.load_judge()
     rows = []
@@ -468,7 +496,7 @@ def run_sweep(budget: Budget, model: Path, output: Path, branch: str) -> dict[st
         for lr in budget.sweep_learning_rates:
             for steps in budget.sweep_steps:
                 run, _, _ = run_method(
-                    method, 0, replace(budget, steps_scale=1.0), model, judge, branch, Recipe(lr, steps)
+                    method, 0, replace(budget, steps_scale=1.0), model, judge, branch, training, Recipe(lr, steps)
                 )
                 rows.append(_run_dict(run))
                 _log(f"sweep {kind} lr={lr} steps={steps}: {run.scores}")
@@ -484,7 +512,13 @@ def run_sweep(budget: Budget, model: Path, output: Path, branch: str) -> dict[st
             f"| {s['training_fidelity']:.3f} | {s['recontext_fidelity']:.3f} | {s['recontext_colour']:.2f} "
             f"| {s['recontext_background']:.2f} | {s['preservation']:.3f} | {row['train_seconds']:.0f} |"
         )
-    raw = {"machine": machine(), "command": " ".join(sys.argv), "branch": branch, "sweep": rows}
+    raw = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "branch": branch,
+        "sweep": rows,
+        "best": {kind: asdict(recipe) for kind, recipe in best_recipes(rows).items()},
+    }
     output.mkdir(parents=True, exist_ok=True)
     (output / "concept_sweep.md").write_text("\n".join(lines) + "\n")
     (output / "concept_sweep.json").write_text(json.dumps(raw, indent=2) + "\n")
@@ -492,27 +526,48 @@ def run_sweep(budget: Budget, model: Path, output: Path, branch: str) -> dict[st
     return raw
 
 
-def run_benchmark(budget: Budget, model: Path, output: Path, branch: str = "conditional") -> dict[str, object]:
+def best_recipes(rows: list[dict[str, object]]) -> dict[str, Recipe]:
+    """Per method, the swept recipe with the highest mean of training-prompt and held-out fidelity."""
+    best: dict[str, tuple[float, Recipe]] = {}
+    for row in rows:
+        scores, kind = row["scores"], row["method"]["kind"]  # type: ignore[index]
+        value = (scores["training_fidelity"] + scores["recontext_fidelity"]) / 2  # type: ignore[index]
+        if kind not in best or value > best[kind][0]:
+            best[kind] = (value, Recipe(**row["recipe"]))  # type: ignore[arg-type]
+    return {kind: recipe for kind, (_, recipe) in best.items()}
+
+
+def run_benchmark(
+    budget: Budget,
+    model: Path,
+    output: Path,
+    branch: str = "conditional",
+    training: TrainingSet = TRAINING_SETS["varied"],
+    recipes: dict[str, Recipe] = RECIPES,
+) -> dict[str, object]:
     output.mkdir(parents=True, exist_ok=True)
     judge = judge_module.load_judge()
     started = time.perf_counter()
     base_pipe = load_demo_model(model)
-    pairs = [TRAIN_PAIR, *HELD_OUT_PAIRS[: budget.held_out_pairs]]
+    pairs = [*training.contexts, *HELD_OUT_PAIRS[: budget.held_out_pairs]]
     ceilings = {f"{c}/{b}": vae_ceiling(base_pipe, judge, (c, b)) for c, b in pairs}
     _log(f"VAE ceilings: {ceilings}")
 
+    def run(method: Method, seed: int) -> tuple[Run, Tuned, dict[str, list[Image.Image]]]:
+        return run_method(method, seed, budget, model, judge, branch, training, recipes.get(method.kind))
+
     runs: list[Run] = []
-    grids: dict[str, list[Image.Image]] = {"training images": concept_images()}
+    grids: dict[str, list[Image.Image]] = {"training images": training.images()}
     top_atoms: dict[str, object] = {}
     for method in METHODS:
         for seed in budget.seeds if method.kind != "base" else budget.seeds[:1]:
-            run, tuned, images = run_method(method, seed, budget, model, judge, branch)
-            runs.append(run)
-            _log(f"{method.label} seed {seed}: {run.scores} ({run.train_seconds:.0f} s)")
+            run_, tuned, images = run(method, seed)
+            runs.append(run_)
+            _log(f"{method.label} seed {seed}: {run_.scores} ({run_.train_seconds:.0f} s)")
             if seed == budget.seeds[0]:
                 grids[method.label] = images["training prompt"] + images["held-out pairs"]
                 if method.kind == "ours" and method.density == 0.04:
-                    top_atoms = _top_atoms(tuned, judge, seed, budget, branch, run.scores)
+                    top_atoms = _top_atoms(tuned, judge, seed, budget, branch, run_.scores, training)
     base = next(run for run in runs if run.method.kind == "base")
     seed = budget.seeds[0]
     known = {(r.method.kind, r.method.density, r.method.num_atoms): r for r in runs if r.seed == seed}
@@ -520,13 +575,13 @@ def run_benchmark(budget: Budget, model: Path, output: Path, branch: str = "cond
     def sweep_point(method: Method) -> Run:
         key = (method.kind, method.density, method.num_atoms)
         if key not in known:
-            known[key] = run_method(method, seed, budget, model, judge, branch)[0]
+            known[key] = run(method, seed)[0]
             _log(f"{method.label}: {known[key].scores}")
         return replace(known[key], method=method)
 
     density_runs = [sweep_point(Method(f"ours p={p}", "ours", density=p)) for p in budget.densities]
     atom_runs = [sweep_point(Method(f"M={m}", "ours", density=0.02, num_atoms=m)) for m in budget.atom_counts]
-    one_atom = _one_atom_against_rank_one(budget, model, judge, branch, seed)
+    one_atom = _one_atom_against_rank_one(budget, model, judge, branch, seed, training, recipes)
     seconds = time.perf_counter() - started
 
     raw: dict[str, object] = {
@@ -534,8 +589,9 @@ def run_benchmark(budget: Budget, model: Path, output: Path, branch: str = "cond
         "command": " ".join(sys.argv),
         "budget": asdict(budget),
         "branch": branch,
-        "recipes": {kind: asdict(recipe) for kind, recipe in RECIPES.items()},
-        "train_prompt": TRAIN_PROMPT,
+        "recipes": {kind: asdict(recipe) for kind, recipe in recipes.items()},
+        "training_contexts": [f"{c}/{b}" for c, b in training.contexts],
+        "training_images": len(training.captions()),
         "held_out_pairs": [f"{c}/{b}" for c, b in HELD_OUT_PAIRS[: budget.held_out_pairs]],
         "vae_ceilings": ceilings,
         "seconds": seconds,
@@ -549,21 +605,21 @@ def run_benchmark(budget: Budget, model: Path, output: Path, branch: str = "cond
     (output / "concept_eval.json").write_text(json.dumps(raw, indent=2) + "\n")
     report = render_report(raw)
     (output / "concept_eval.md").write_text(report)
-    columns = budget.images_per_prompt * (1 + budget.held_out_pairs)
+    columns = budget.images_per_prompt * (len(training.contexts) + budget.held_out_pairs)
     labelled_grid(grids, columns).save(output / "concept_methods.png")
     print(report)
     return raw
 
 
 def _top_atoms(
-    tuned: Tuned, judge: judge_module.Judge, seed: int, budget: Budget, branch: str, full: Scores
+    tuned: Tuned, judge: judge_module.Judge, seed: int, budget: Budget, branch: str, full: Scores, training: TrainingSet
 ) -> dict[str, object]:
     """Figure 3: training-prompt fidelity from only the K most important atoms per block."""
     fidelity = {}
     for k in budget.top_atoms:
         images = sample(
             tuned.with_route(SampleRoute(ADAPTER, top_atoms=k)),
-            [TRAIN_PROMPT] * budget.images_per_prompt,
+            [prompt for prompt in training.prompts() for _ in range(budget.images_per_prompt)],
             seed,
             budget.inference_steps,
             branch,
@@ -578,7 +634,13 @@ def _top_atoms(
 
 
 def _one_atom_against_rank_one(
-    budget: Budget, model: Path, judge: judge_module.Judge, branch: str, seed: int
+    budget: Budget,
+    model: Path,
+    judge: judge_module.Judge,
+    branch: str,
+    seed: int,
+    training: TrainingSet,
+    recipes: dict[str, Recipe],
 ) -> dict[str, object]:
     """Figure 4: one active atom (k = 1) against LoRA r = 1, each trained on the concept, asked
     for it under modified prompts (the held-out pairs). Coherent: the judge reads a shape of the
@@ -586,7 +648,7 @@ def _one_atom_against_rank_one(
     colour and background."""
     results = {}
     for method in (Method("ours, one active atom", "ours", density=1 / 256), Method("LoRA r=1", "lora", rank=1)):
-        tuned = fine_tune(method, RECIPES[method.kind], seed, budget, model)
+        tuned = fine_tune(method, recipes[method.kind], seed, budget, model, training)
         prompts = [
             world.caption(world.CONCEPT_TOKEN, *pair)
             for pair in HELD_OUT_PAIRS[: budget.held_out_pairs]
@@ -601,12 +663,18 @@ def _one_atom_against_rank_one(
             bool(r) and c == w[0] and b == w[1]
             for r, c, b, w in zip(readable, verdict.labels["colour"], verdict.labels["background"], wanted, strict=True)
         ]
-        training = sample(tuned, [TRAIN_PROMPT] * budget.images_per_prompt, seed, budget.inference_steps, branch)
+        trained = sample(
+            tuned,
+            [prompt for prompt in training.prompts() for _ in range(budget.images_per_prompt)],
+            seed,
+            budget.inference_steps,
+            branch,
+        )
         results[method.label] = {
             "coherent": float(np.mean(coherent)),
             "readable_shape": float(readable.mean()),
             "held_out_fidelity": concept_probability(verdict),
-            "training_fidelity": concept_probability(judge_module.judge_images(judge, training)),
+            "training_fidelity": concept_probability(judge_module.judge_images(judge, trained)),
         }
         _log(f"{method.label}: {results[method.label]}")
     return results
@@ -642,7 +710,8 @@ def render_report(raw: dict[str, object]) -> str:
     ceilings = raw["vae_ceilings"]
     assert isinstance(ceilings, dict)
     lines = [
-        f'Concept: striped heart as `{world.CONCEPT_TOKEN}`, {CONCEPT_IMAGES} images, prompt "{raw["train_prompt"]}"; '
+        f"Concept: striped heart as `{world.CONCEPT_TOKEN}`, {raw['training_images']} images in "
+        f"{', '.join(raw['training_contexts'])} (each captioned with its context); "  # type: ignore[arg-type]
         f"adapters on the {raw['branch']} guidance branch; held-out pairs {', '.join(raw['held_out_pairs'])}; "  # type: ignore[arg-type]
         f"{raw['machine']}; total {float(raw['seconds']) / 60:.1f} min (`{raw['command']}`).",  # type: ignore[arg-type]
         "",
@@ -742,15 +811,21 @@ def main() -> None:
     parser.add_argument("--branch", default="conditional", choices=("conditional", "both"))
     parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--training", default="varied", choices=tuple(TRAINING_SETS))
+    parser.add_argument("--recipes", type=Path, help="a --sweep's concept_sweep.json: use its best recipe per method")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_progress_bars()
     budget = QUICK if args.quick else FULL
+    training = TRAINING_SETS[args.training]
     if args.sweep:
-        run_sweep(budget, args.model, args.output, args.branch)
-    else:
-        run_benchmark(budget, args.model, args.output, args.branch)
+        run_sweep(budget, args.model, args.output, args.branch, training)
+        return
+    recipes = RECIPES
+    if args.recipes is not None:
+        recipes = {**RECIPES, **best_recipes(json.loads(args.recipes.read_text())["sweep"])}
+    run_benchmark(budget, args.model, args.output, args.branch, training, recipes)
 
 
 if __name__ == "__main__":

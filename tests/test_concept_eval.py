@@ -21,10 +21,13 @@ def test_vendi_score_counts_distinct_images() -> None:
 
 
 def test_concept_images_show_the_concept() -> None:
-    images = concept_eval.concept_images()
+    training = concept_eval.TRAINING_SETS["varied"]
+    images = training.images()
     verdict = judge_module.judge_images(judge_module.load_judge(), images)
     assert verdict.labels["shape"] == [world.CONCEPT] * len(images)
-    assert set(verdict.labels["colour"]) == {concept_eval.TRAIN_PAIR[0]}
+    wanted = [pair for pair in training.contexts for _ in range(training.per_context)]
+    assert list(zip(verdict.labels["colour"], verdict.labels["background"], strict=True)) == wanted
+    assert training.captions()[0] == "a red sks on a black background"
 
 
 def test_judge_takes_no_single_cue_for_the_concept() -> None:
@@ -48,7 +51,7 @@ def test_quick_benchmark_runs_and_writes_its_outputs(tmp_path: Path) -> None:
     assert saved["runs"] == raw["runs"]
     labels = {run["method"]["label"] for run in saved["runs"]}
     assert {"ours p=0.02", "ours p=0.04", "LoRA r=16", "DoRA r=16", "OFT r=4"} <= labels
-    assert set(saved["vae_ceilings"]) == {"red/black", "blue/pink", "yellow/grey"}
+    assert set(saved["vae_ceilings"]) == {"red/black", "blue/white", "yellow/pink", "blue/pink", "yellow/grey"}
     for run in saved["runs"]:
         scores = run["scores"]
         for key in ("training_fidelity", "recontext_fidelity", "recontext_colour", "preservation"):
@@ -79,9 +82,9 @@ def test_the_benchmark_samples_as_the_pipeline_does() -> None:
 
 
 def test_copy_ratio_tells_copies_from_new_images() -> None:
-    training = concept_eval.concept_images()
+    training = concept_eval.TRAINING_SETS["single"].images()
     assert concept_eval.copy_ratio(training, training) == 0.0
-    fresh = concept_eval.concept_images(seed=99)
+    fresh = concept_eval.concept_images(99, 5, ("red", "black"))
     assert concept_eval.copy_ratio(fresh, training) > 0.5
 
 
