@@ -60,6 +60,11 @@ class TrainingConfig:
     max_sequence_length: int = 120
     importance_probes: int = 8
     """Timesteps per training image at which atom importance is measured after training."""
+    calibrate_init: bool = True
+    """Scale W_s's initialisation to the measured RMS of each block's self-attention input on the
+    training images, so the coefficients start at unit variance. PixArt's normalised and
+    modulated attention input is far from unit-RMS (0.23-0.28 on the demo model), and with
+    small coefficients the atoms' gradients, and so the early learning, are small too."""
 
     def validate(self) -> None:
         if not 1 <= self.steps <= 100_000:
@@ -78,11 +83,19 @@ class TrainingConfig:
 
 @dataclass
 class ConceptData:
-    """A concept's training data, encoded once: VAE latents and the prompt's T5 embedding."""
+    """A concept's training data, encoded once: VAE latents and the T5 embedding of its prompt,
+    one for every image or one per image (its caption)."""
 
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     prompt_attention_mask: torch.Tensor
+
+    def conditioning(self, picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt embeddings and mask for the images ``picks`` selects."""
+        if self.prompt_embeds.shape[0] == 1:
+            batch = picks.shape[0]
+            return self.prompt_embeds.expand(batch, -1, -1), self.prompt_attention_mask.expand(batch, -1)
+        return self.prompt_embeds[picks], self.prompt_attention_mask[picks]
 
 
 @dataclass
@@ -104,17 +117,24 @@ def native_resolution(pipeline: PixArtSigmaPipeline) -> int:
     return int(pipeline.transformer.config.sample_size) * int(pipeline.vae_scale_factor)
 
 
+Prompt = str | Sequence[str]
+"""One prompt for every training image, or one caption per image (in the images' order)."""
+
+
 def encode_concept(
     pipeline: PixArtSigmaPipeline,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: Prompt,
     config: TrainingConfig,
     generator: torch.Generator,
 ) -> ConceptData:
-    """VAE-encode the images and T5-encode the prompt once, as the training recipe does."""
+    """VAE-encode the images and T5-encode the prompt (or captions) once, as the training recipe does."""
     if not images:
         raise ValueError("give at least one training image")
-    if not prompt.strip():
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) not in (1, len(images)):
+        raise ValueError(f"give one prompt, or one caption per image: {len(prompts)} captions for {len(images)} images")
+    if not all(text.strip() for text in prompts):
         raise ValueError("the prompt must name the concept")
     device = pipeline.transformer.device
     resolution = config.resolution or native_resolution(pipeline)
@@ -124,7 +144,7 @@ def encode_concept(
         noise = torch.randn(distribution.mean.shape, generator=generator).to(device, distribution.mean.dtype)
         latents = (distribution.mean + distribution.std * noise) * pipeline.vae.config.scaling_factor
         embeds, mask, _, _ = pipeline.encode_prompt(
-            prompt,
+            prompts,
             do_classifier_free_guidance=False,
             device=device,
             clean_caption=False,
@@ -147,7 +167,7 @@ def train_adapter(
     pipeline: PixArtSigmaPipeline,
     host: AdapterHost,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: Prompt,
     adapter_config: SparseDictionaryConfig,
     config: TrainingConfig,
     on_progress: ProgressCallback | None = None,
@@ -160,12 +180,15 @@ def train_adapter(
     timesteps each.
     """
     config.validate()
-    adapter = SparseDictionaryAdapter.create(adapter_config, pipeline.transformer, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = encode_concept(pipeline, images, prompt, config, generator)
+    input_rms = None
+    if config.calibrate_init:
+        input_rms = measure_input_rms(pipeline.transformer, adapter_config.blocks(host.num_blocks), data)
+    adapter = SparseDictionaryAdapter.create(adapter_config, pipeline.transformer, config.seed, input_rms)
     name = f"__training_{id(adapter)}"
     host.add(name, adapter)
     try:
-        generator = torch.Generator().manual_seed(config.seed)
-        data = encode_concept(pipeline, images, prompt, config, generator)
         adapter.float().train()
         with host.route([SampleRoute(name)]):
             losses, seconds = _fit(
@@ -187,10 +210,46 @@ def train_adapter(
     return TrainingResult(adapter, losses, seconds)
 
 
+@torch.no_grad()
+def measure_input_rms(
+    transformer: nn.Module, blocks: Sequence[int], data: ConceptData, probes: int = 4
+) -> dict[int, float]:
+    """Per block, the RMS of its self-attention input over the training latents, noised at
+    ``probes`` evenly spaced timesteps (the modulation that scales the input depends on t)."""
+    squares = dict.fromkeys(blocks, 0.0)
+    counts = dict.fromkeys(blocks, 0)
+
+    def recorder(block: int) -> Callable[..., None]:
+        def record(_: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            squares[block] += float(hidden.double().square().sum())
+            counts[block] += hidden.numel()
+
+        return record
+
+    handles = [
+        transformer.transformer_blocks[block].attn1.register_forward_pre_hook(recorder(block), with_kwargs=True)
+        for block in blocks
+    ]
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for timestep in torch.linspace(0, scheduler.config.num_train_timesteps - 1, probes).round().long():
+            batch = data.latents.shape[0]
+            noise = torch.randn(data.latents.shape, generator=generator).to(data.latents.device)
+            noisy = scheduler.add_noise(data.latents, noise, timestep.repeat(batch))
+            everyone = torch.arange(batch, device=noisy.device)
+            _predict_noise(transformer, noisy, timestep.repeat(batch).to(noisy.device), data, everyone)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {block: (squares[block] / max(counts[block], 1)) ** 0.5 for block in blocks}
+
+
 def train_baseline(
     pipeline: PixArtSigmaPipeline,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: Prompt,
     method: BaselineMethod,
     config: TrainingConfig,
     on_progress: ProgressCallback | None = None,
@@ -255,7 +314,7 @@ def _fit(
             )
             noisy = scheduler.add_noise(latents, noise, timesteps).to(device)
             with _autocast(device, config.mixed_precision):
-                prediction = _predict_noise(transformer, noisy, timesteps.to(device), data, config.batch_size)
+                prediction = _predict_noise(transformer, noisy, timesteps.to(device), data, picks.to(device))
             loss = F.mse_loss(prediction.float(), noise.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -270,13 +329,15 @@ def _fit(
 
 
 def _predict_noise(
-    transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, data: ConceptData, batch: int
+    transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, data: ConceptData, picks: torch.Tensor
 ) -> torch.Tensor:
+    """The predicted noise of ``noisy``, the latents of the images ``picks`` selects, noised."""
     dtype = next(transformer.parameters()).dtype
+    embeds, mask = data.conditioning(picks)
     output = transformer(
         noisy.to(dtype),
-        encoder_hidden_states=data.prompt_embeds.expand(batch, -1, -1),
-        encoder_attention_mask=data.prompt_attention_mask.expand(batch, -1),
+        encoder_hidden_states=embeds,
+        encoder_attention_mask=mask,
         timestep=timesteps,
         added_cond_kwargs={"resolution": None, "aspect_ratio": None},
     ).sample

@@ -89,6 +89,8 @@ def submit_finetune(
     if not 1 <= len(images) <= MAX_IMAGES:
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")
     check_side("resolution", form.resolution, settings.max_resolution)
+    if form.captions is not None and len(form.captions) != len(images):
+        raise invalid(f"send one caption per image: {len(form.captions)} captions for {len(images)} images")
     base = base_shape(services.db)
     # Until a worker has published the base, the engine's own check fails the job instead.
     if base is not None and form.atoms % base.num_heads:
@@ -115,10 +117,12 @@ def submit_finetune(
     params = FinetuneParams(
         adapter_id=adapter_id,
         prompt=form.prompt,
+        captions=form.captions,
         adapter=AdapterSpec(num_atoms=form.atoms, density=form.density, activation=form.activation),
         training=TrainingSpec(
             steps=form.steps,
             learning_rate=form.learning_rate,
+            batch_size=form.batch_size,
             seed=form.seed if form.seed is not None else _random_seed(),
             resolution=form.resolution,
             image_count=len(names),

@@ -12,6 +12,7 @@ from adapters import (
     TINY_MAX_SEQUENCE_LENGTH,
     AdapterHost,
     SampleRoute,
+    SparseDictionaryAdapter,
     SparseDictionaryConfig,
     TrainingCancelled,
     TrainingConfig,
@@ -88,6 +89,38 @@ def test_training_lowers_loss_and_changes_images_but_not_the_base() -> None:
     assert np.array_equal(base_before, base_after)
     assert np.abs(adapted - base_after).mean() > 1e-2
     assert np.abs(adapted - sparser).mean() > 1e-3
+
+
+def test_calibrated_initialisation_gives_unit_variance_coefficients() -> None:
+    from adapters.training import encode_concept, measure_input_rms
+    from benchmarks.train_demo_model import load_demo_model
+
+    # The demo model, not a random one: its trained, modulated attention input is far from unit-RMS.
+    pipeline = load_demo_model()
+    data = encode_concept(pipeline, concept_images(), PROMPT, training_config(1), torch.Generator().manual_seed(0))
+    blocks = list(range(len(pipeline.transformer.transformer_blocks)))
+    inputs: dict[int, list[torch.Tensor]] = {block: [] for block in blocks}
+    hooks = [
+        pipeline.transformer.transformer_blocks[block].attn1.register_forward_pre_hook(
+            lambda _module, args, block=block: inputs[block].append(args[0])
+        )
+        for block in blocks
+    ]
+    rms = measure_input_rms(pipeline.transformer, blocks, data)
+    for hook in hooks:
+        hook.remove()
+    adapter_config = SparseDictionaryConfig(num_atoms=32)
+    plain = SparseDictionaryAdapter.create(adapter_config, pipeline.transformer, seed=0)
+    calibrated = SparseDictionaryAdapter.create(adapter_config, pipeline.transformer, seed=0, input_rms=rms)
+    for block in blocks:
+        seen = torch.cat(inputs[block])
+        assert rms[block] < 0.5, "the demo model's attention input should be far from unit-RMS"
+
+        def coefficient_rms(adapter: SparseDictionaryAdapter, block: int = block, seen: torch.Tensor = seen) -> float:
+            return (seen @ adapter.layer(block).coefficient_proj).square().mean().sqrt().item()  # type: ignore[union-attr]
+
+        assert 0.8 < coefficient_rms(calibrated) < 1.25, (block, rms[block])
+        assert coefficient_rms(plain) < 0.5
 
 
 def test_training_is_deterministic_for_a_seed() -> None:

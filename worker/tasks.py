@@ -159,6 +159,7 @@ def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> FinetuneResult:
     training_config = TrainingConfig(
         steps=training.steps,
         learning_rate=training.learning_rate,
+        batch_size=training.batch_size,
         seed=training.seed,
         resolution=training.resolution,
         max_sequence_length=runtime.max_sequence_length,
@@ -168,7 +169,7 @@ def train(ctx: WorkerContext, job: Job, reporter: Reporter) -> FinetuneResult:
             runtime.pipeline,
             runtime.host,
             images,
-            params.prompt,
+            params.captions or params.prompt,
             config,
             training_config,
             on_progress=ctx.metrics.finetune_progress(reporter.progress),

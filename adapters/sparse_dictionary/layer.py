@@ -23,9 +23,9 @@ class SparseDictionaryLayer(nn.Module):
         # D starts at zero, so an untrained adapter leaves the base model's output unchanged.
         self.dictionary = nn.Parameter(torch.zeros(num_atoms, out_features, dtype=dtype))
 
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        # Unit-variance coefficients for unit-variance inputs, as the normed attention input is.
-        std = 1.0 / math.sqrt(self.coefficient_proj.shape[0])
+    def reset_parameters(self, generator: torch.Generator, input_rms: float = 1.0) -> None:
+        """Random W_s giving unit-variance coefficients for inputs of RMS ``input_rms``; zero D."""
+        std = 1.0 / (math.sqrt(self.coefficient_proj.shape[0]) * input_rms)
         with torch.no_grad():
             sample = torch.randn(self.coefficient_proj.shape, generator=generator) * std
             self.coefficient_proj.copy_(sample.to(self.coefficient_proj.dtype))
@@ -55,8 +55,19 @@ class SparseDictionaryAdapter(nn.Module):
         self.importance: dict[int, torch.Tensor] = {}
 
     @classmethod
-    def create(cls, config: SparseDictionaryConfig, transformer: nn.Module, seed: int = 0) -> SparseDictionaryAdapter:
-        """A fresh adapter for ``transformer``: random W_s, zero D, the base's fingerprint."""
+    def create(
+        cls,
+        config: SparseDictionaryConfig,
+        transformer: nn.Module,
+        seed: int = 0,
+        input_rms: dict[int, float] | None = None,
+    ) -> SparseDictionaryAdapter:
+        """A fresh adapter for ``transformer``: random W_s, zero D, the base's fingerprint.
+
+        ``input_rms`` (per block, the RMS of its self-attention input, e.g. from
+        ``adapters.training.measure_input_rms``) scales W_s so that the coefficients start at unit
+        variance; without it the input is taken as unit-RMS.
+        """
         num_blocks = len(transformer.transformer_blocks)
         attn = transformer.transformer_blocks[0].attn1
         config.validate(num_blocks=num_blocks, num_heads=attn.heads)
@@ -64,8 +75,8 @@ class SparseDictionaryAdapter(nn.Module):
             config.base_fingerprint = base_fingerprint(transformer)
         adapter = cls(config, attn.to_q.in_features, attn.to_out[0].out_features, num_blocks)
         generator = torch.Generator().manual_seed(seed)
-        for layer in adapter.layers.values():
-            layer.reset_parameters(generator)
+        for block in adapter.blocks:
+            adapter.layers[str(block)].reset_parameters(generator, (input_rms or {}).get(block, 1.0))
         return adapter
 
     @property
@@ -83,4 +94,3 @@ class SparseDictionaryAdapter(nn.Module):
     def importance_scores(self) -> dict[int, list[float]]:
         """Atom importance per block as plain numbers (empty until it is computed)."""
         return {block: scores.float().cpu().tolist() for block, scores in self.importance.items()}
-

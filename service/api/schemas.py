@@ -40,11 +40,18 @@ class TrainingForm(BaseModel):
     """The form fields of ``POST /v1/adapters`` besides the images."""
 
     prompt: str = Field(min_length=1, max_length=1000, description="Names the concept, e.g. 'a photo of sks dog'")
+    captions: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+        default=None,
+        description="One caption per image, in the images' order (repeat the field); every image is trained on "
+        "`prompt` when omitted. Images of the concept in varied contexts, each captioned, teach it to follow "
+        "the prompt's context",
+    )
     atoms: int = Field(default=256, ge=8, le=1024, description="Dictionary atoms per adapted block (M)")
     density: float = Field(default=0.04, gt=0, le=1, description="Fraction of atoms a token uses (k/M)")
     activation: Activation = "topk"
-    steps: int = Field(default=500, ge=1, le=5000)
-    learning_rate: float = Field(default=1e-4, gt=0, le=0.1)
+    steps: int = Field(default=1000, ge=1, le=5000)
+    learning_rate: float = Field(default=3e-3, gt=0, le=0.1)
+    batch_size: int = Field(default=4, ge=1, le=16, description="Images per training step")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
     resolution: int | None = Field(
         default=None, ge=16, le=4096, description="Training size in pixels; the base model's own when omitted"

@@ -90,6 +90,7 @@ class AdapterSpec(_Part):
 class TrainingSpec(_Part):
     steps: int
     learning_rate: float
+    batch_size: int
     seed: int
     resolution: int | None
     """Training image side in pixels; None is the base model's own size."""
@@ -103,6 +104,8 @@ class FinetuneParams(Message):
     adapter_id: str
     """The adapter record the job trains; its uploads folder holds ``images``."""
     prompt: str
+    captions: list[str] | None
+    """One caption per image, in ``images``' order; None trains every image on ``prompt``."""
     adapter: AdapterSpec
     training: TrainingSpec
     images: list[str]

@@ -23,8 +23,9 @@ def finetune_params() -> FinetuneParams:
     return FinetuneParams(
         adapter_id="01ARZ3NDEKTSV4RRFFQ69G5FAV",
         prompt="a photo of sks",
+        captions=["a photo of sks on a table", "a photo of sks outside"],
         adapter=AdapterSpec(num_atoms=16, density=0.25, activation="relu"),
-        training=TrainingSpec(steps=5, learning_rate=1e-3, seed=3, resolution=None, image_count=2),
+        training=TrainingSpec(steps=5, learning_rate=1e-3, batch_size=2, seed=3, resolution=None, image_count=2),
         images=["0.png", "1.jpg"],
     )
 

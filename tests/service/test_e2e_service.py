@@ -58,7 +58,9 @@ def test_tenant_trains_generates_downloads_and_other_tenants_see_nothing(
         ("images", ("c.webp", image_bytes((210, 20, 40), fmt="WEBP"), "image/webp")),
     ]
     form = {"prompt": "a photo of a red square", "atoms": 16, "density": 0.25, "steps": 5, "learning_rate": 0.02}
-    response = owner.post("/v1/adapters", data={**form, "seed": 1}, files=files)
+    # One caption per image: the concept in the context each image shows.
+    captions = ["a red square on grey", "a red square on white", "a red square in the dark"]
+    response = owner.post("/v1/adapters", data={**form, "seed": 1, "captions": captions}, files=files)
     assert response.status_code == 202, response.text
     adapter_id, job_id = response.json()["adapter_id"], response.json()["job_id"]
 

@@ -103,6 +103,9 @@ def gif_bytes() -> bytes:
         ("one", {"prompt": "p", "activation": "tanh"}, 422, "activation"),
         ("one", {"prompt": "p", "resolution": 50}, 422, "multiple of 16"),
         ("one", {"prompt": "p", "learning_rate": 5}, 422, "learning_rate"),
+        ("one", {"prompt": "p", "captions": ["a", "b"]}, 422, "one caption per image: 2 captions for 1 images"),
+        ("one", {"prompt": "p", "captions": [""]}, 422, "captions.0: String should have at least 1 character"),
+        ("one", {"prompt": "p", "batch_size": 17}, 422, "batch_size"),
     ],
 )
 def test_training_uploads_are_validated(

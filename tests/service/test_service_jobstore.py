@@ -164,8 +164,10 @@ def test_a_training_whose_adapter_is_deleted_as_it_starts_ends_cancelled(
     adapter = AdapterSpec(num_atoms=8, density=0.25, activation="topk")
     catalog.create(adapter_id, tenant, "p", "trained", adapter.model_dump(), job_id=job_id)
     # The uploads are never written: they are gone as far as the training can tell.
-    training = TrainingSpec(steps=5, learning_rate=1e-3, seed=0, resolution=None, image_count=1)
-    params = FinetuneParams(adapter_id=adapter_id, prompt="p", adapter=adapter, training=training, images=["0.png"])
+    training = TrainingSpec(steps=5, learning_rate=1e-3, batch_size=1, seed=0, resolution=None, image_count=1)
+    params = FinetuneParams(
+        adapter_id=adapter_id, prompt="p", captions=None, adapter=adapter, training=training, images=["0.png"]
+    )
     jobs.create(job_id, tenant, params, max_active=1)
 
     def deleted_as_it_starts(ctx: WorkerContext, job: Job, reporter: Reporter) -> FinetuneResult:
