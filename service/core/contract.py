@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bump on any change to a message below that a reader of the previous version would misread."""
 
 JobKind = Literal["finetune", "generate"]
