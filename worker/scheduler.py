@@ -34,8 +34,8 @@ import torch
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from adapters import GuidanceBranch, SampleRoute, SparseDictionaryAdapter, guided_routes
-from service.core.contract import AtomMaskSpec, CacheTier, JobError
+from adapters import SampleRoute, SparseDictionaryAdapter, guided_routes
+from service.core.contract import AtomMaskSpec, CacheTier, GenerateParams, JobError
 from service.core.jobs import JobStore
 from service.core.settings import Settings
 from worker.cache import CacheFull
@@ -56,28 +56,8 @@ class Superseded(Exception):
     """A redelivery of this job has taken over; this run must stop without writing anything."""
 
 
-@dataclass(frozen=True)
-class AdapterChoice:
-    adapter_id: str
-    load: Callable[[], SparseDictionaryAdapter]
-    """Reads the adapter from storage; called only when no cache tier holds it."""
-    density: float | None
-    atom_mask: AtomMaskSpec | None
-    top_atoms: int | None
-    guidance: GuidanceBranch
-
-
-@dataclass(frozen=True)
-class Generation:
-    prompt: str
-    negative_prompt: str
-    num_images: int
-    steps: int
-    guidance_scale: float
-    width: int | None
-    height: int | None
-    seed: int
-    adapter: AdapterChoice | None
+AdapterLoader = Callable[[], SparseDictionaryAdapter]
+"""Reads a request's adapter from storage; called only when no cache tier holds it."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +84,8 @@ class Finished:
 class Request:
     """A prepared generation: everything its denoising loop needs, and where it stands."""
 
-    generation: Generation
+    params: GenerateParams
+    load: AdapterLoader | None
     ticket: Ticket
     size: tuple[int, int]
     tokens: int
@@ -201,8 +182,9 @@ class GenerationScheduler:
 
     # -- the task threads' side -----------------------------------------------------------------
 
-    def prepare(self, generation: Generation, ticket: Ticket) -> Request:
-        """Encodes the prompts and draws the initial latents, as the pipeline does, in the caller's thread."""
+    def prepare(self, generation: GenerateParams, load: AdapterLoader | None, ticket: Ticket) -> Request:
+        """Encodes the prompts and draws the initial latents, as the pipeline does, in the caller's
+        thread; ``load`` reads the request's adapter from storage, if it names one."""
         pipeline = self.runtime.pipeline
         device = self.runtime.device
         guided = generation.guidance_scale > 1
@@ -217,7 +199,8 @@ class GenerationScheduler:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         patch = pipeline.transformer.config.patch_size
         return Request(
-            generation=generation,
+            params=generation,
+            load=load,
             ticket=ticket,
             size=(height, width),
             tokens=(height // scale // patch) * (width // scale // patch),
@@ -241,7 +224,7 @@ class GenerationScheduler:
         """The pipeline's VAE decode and post-processing, batched with other requests' that wait."""
         return self._decoder(latents)
 
-    def _encode(self, generations: list[Generation]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _encode(self, generations: list[GenerateParams]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``encode_prompt`` for several requests in one call; each one's embeddings, [negative;
         positive] under guidance, repeated per image as the pipeline repeats them."""
         pipeline = self.runtime.pipeline
@@ -334,25 +317,24 @@ class GenerationScheduler:
 
     def _routes(self, request: Request) -> list[SampleRoute]:
         """Makes the request's adapter resident (pinned while it runs) and returns its rows' routes."""
-        choice = request.generation.adapter
-        count = request.generation.num_images
-        if choice is None:
+        params = request.params
+        if params.adapter_id is None or request.load is None:
             return [SampleRoute()] * request.rows
         cache = self.runtime.cache
-        hit = cache.acquire(choice.adapter_id, choice.load)
+        hit = cache.acquire(params.adapter_id, request.load)
         self.metrics.adapter_acquired(hit)
         request.tier = hit.tier
-        num_atoms = self.runtime.host.get(choice.adapter_id).config.num_atoms
+        num_atoms = self.runtime.host.get(params.adapter_id).config.num_atoms
         route = SampleRoute(
-            adapter=choice.adapter_id,
-            density=choice.density,
-            atom_mask=_atom_mask(choice.atom_mask, num_atoms),
-            top_atoms=choice.top_atoms,
+            adapter=params.adapter_id,
+            density=params.density,
+            atom_mask=_atom_mask(params.atom_mask, num_atoms),
+            top_atoms=params.top_atoms,
         )
-        cache.pin(choice.adapter_id)
-        routes = [route] * count
+        cache.pin(params.adapter_id)
+        routes = [route] * params.num_images
         # The pipeline runs classifier-free guidance only above a scale of 1.
-        return guided_routes(routes, choice.guidance) if request.guided else routes
+        return guided_routes(routes, params.adapter_guidance) if request.guided else routes
 
     def _next_group(self) -> list[Request]:
         sizes = list(self._groups)
@@ -404,7 +386,7 @@ class GenerationScheduler:
             offset += request.rows
             if request.guided:
                 unconditional, conditional = prediction.chunk(2)
-                scale = request.generation.guidance_scale
+                scale = request.params.guidance_scale
                 prediction = unconditional + scale * (conditional - unconditional)
             if learned_sigma:
                 prediction = prediction.chunk(2, dim=1)[0]
@@ -419,7 +401,7 @@ class GenerationScheduler:
         if not group:
             return
         updates = [
-            (r.ticket.job_id, r.ticket.tenant_id, r.ticket.attempt, r.index, r.generation.steps) for r in group
+            (r.ticket.job_id, r.ticket.tenant_id, r.ticket.attempt, r.index, r.params.steps) for r in group
         ]
         now = time.monotonic()
         for request, reply in zip(group, self.jobs.progress_many(updates), strict=True):
@@ -441,8 +423,8 @@ class GenerationScheduler:
             return
         for request in leaving:
             group.remove(request)
-            if request.generation.adapter is not None and request.routes:
-                self.runtime.cache.unpin(request.generation.adapter.adapter_id)
+            if request.params.adapter_id is not None and request.load is not None and request.routes:
+                self.runtime.cache.unpin(request.params.adapter_id)
             if request.stop is not None:
                 request.future.set_exception(request.stop)
             else:

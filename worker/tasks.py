@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 
 from celery import current_task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
@@ -41,7 +42,7 @@ from service.core.jobs import Job, JobStore
 from service.core.storage import ADAPTER_SUBDIR, write_atoms
 from worker.context import WorkerContext, context
 from worker.runtime import BaseModelMissing, Runtime
-from worker.scheduler import AdapterChoice, Generation, JobCancelled, Superseded, Ticket
+from worker.scheduler import AdapterLoader, JobCancelled, Superseded, Ticket
 
 log = logging.getLogger(__name__)
 LOSS_CURVE_POINTS = 100
@@ -199,35 +200,16 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> GenerateResult
     params = GenerateParams.parse(job.params)
     runtime = _runtime(ctx)
     scheduler = ctx.scheduler()
-    choice = None
+    load: AdapterLoader | None = None
     if params.adapter_id is not None:
         record = _adapter_of(ctx, job, params.adapter_id)
         folder = ctx.storage.adapter_dir(job.tenant_id, record.id) / ADAPTER_SUBDIR
-        choice = AdapterChoice(
-            adapter_id=record.id,
-            load=lambda: load_adapter(
-                folder, expected_fingerprint=runtime.fingerprint, max_bytes=ctx.settings.max_adapter_bytes
-            ),
-            density=params.density,
-            atom_mask=params.atom_mask,
-            top_atoms=params.top_atoms,
-            guidance=params.adapter_guidance,
-        )
-    generation = Generation(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        num_images=params.num_images,
-        steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        width=params.width,
-        height=params.height,
-        seed=params.seed,
-        adapter=choice,
-    )
+        limit = ctx.settings.max_adapter_bytes
+        load = partial(load_adapter, folder, expected_fingerprint=runtime.fingerprint, max_bytes=limit)
     # Threads have no soft time limit of Celery's; the scheduler checks this one at every step.
     deadline = time.monotonic() + ctx.settings.job_soft_time_limit_seconds
     ticket = Ticket(job.id, job.tenant_id, reporter.attempt, deadline)
-    finished = scheduler.run(scheduler.prepare(generation, ticket))
+    finished = scheduler.run(scheduler.prepare(params, load, ticket))
     reporter.progressing_since = finished.admitted_at
     images = scheduler.decode(finished.latents)
     with ctx.storage.replacing(ctx.storage.outputs_dir(job.tenant_id, job.id)) as tmp:

@@ -12,33 +12,20 @@ import numpy
 import pytest
 import torch
 
-from adapters import SampleRoute, SparseDictionaryAdapter, SparseDictionaryConfig, guided_routes
+from adapters import SampleRoute, SparseDictionaryAdapter, guided_routes
 from service.core import worker_registry
 from service.core.contract import AtomMaskSpec, GenerateParams
 from service.core.ids import new_id
 from service.core.jobs import JobStore
 from service.core.redis_db import connect
 from service.core.settings import Settings
+from tests.test_sparse_dictionary import trained_like
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
-from worker.scheduler import AdapterChoice, Finished, Generation, GenerationScheduler, JobCancelled, Ticket
+from worker.scheduler import Finished, GenerationScheduler, JobCancelled, Ticket
 
-ATOMS = 16
 WORKER = "test-scheduler@local"
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
-
-
-def trained_like(runtime: Runtime, seed: int, **config: object) -> SparseDictionaryAdapter:
-    """An adapter with random non-zero atoms and importance, as if trained."""
-    adapter = SparseDictionaryAdapter.create(
-        SparseDictionaryConfig(num_atoms=ATOMS, **config), runtime.pipeline.transformer, seed=seed
-    )
-    generator = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for layer in adapter.layers.values():
-            layer.dictionary.copy_(torch.randn(layer.dictionary.shape, generator=generator) * 0.5)
-    adapter.importance = {b: torch.rand(ATOMS, generator=generator) for b in adapter.blocks}
-    return adapter
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,7 @@ def runtime(redis_url: str) -> Runtime:
     # The demo model, trained: its latents have the scale of a real model's, so 1e-4 means what it says.
     runtime = Runtime(Settings(redis_url=redis_url, base_model=str(DEMO_MODEL), device="cpu"))
     for seed, name in enumerate(("x", "y")):
-        runtime.cache.insert(name, trained_like(runtime, seed, density=0.25))
+        runtime.cache.insert(name, trained_like(runtime.pipeline.transformer, seed, density=0.25))
     return runtime
 
 
@@ -55,28 +42,8 @@ def scheduler_of(runtime: Runtime, redis_url: str, max_batch: int) -> Generation
     return GenerationScheduler(runtime, settings, JobStore(connect(redis_url)), WorkerMetrics())
 
 
-def choice(adapter_id: str, **fields: object) -> AdapterChoice:
-    defaults: dict[str, object] = {"density": None, "atom_mask": None, "top_atoms": None, "guidance": "conditional"}
-
-    def unused() -> SparseDictionaryAdapter:
-        raise AssertionError("the adapter is resident")
-
-    return AdapterChoice(adapter_id=adapter_id, load=unused, **{**defaults, **fields})  # type: ignore[arg-type]
-
-
-def generation(**fields: object) -> Generation:
-    defaults: dict[str, object] = {
-        "prompt": "a red circle",
-        "negative_prompt": "",
-        "num_images": 1,
-        "steps": 4,
-        "guidance_scale": 4.5,
-        "width": None,
-        "height": None,
-        "seed": 0,
-        "adapter": None,
-    }
-    return Generation(**{**defaults, **fields})  # type: ignore[arg-type]
+def unused() -> SparseDictionaryAdapter:
+    raise AssertionError("the adapter is resident")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,27 +72,36 @@ def claimed_ticket(jobs: JobStore, generate_params: Callable[..., GenerateParams
     return Ticket(job_id, "tenant", attempt, deadline=time.monotonic() + 600)
 
 
-# Every option a request can take, and none shared by all: adapters, densities, a mask, top atoms,
-# each guidance branch, no guidance, several images, no adapter, other sizes of steps and seeds.
-MIX = [
-    generation(adapter=choice("x"), seed=1, steps=6),
-    generation(adapter=choice("y", density=0.5), seed=2, guidance_scale=1.0, steps=3),
-    generation(seed=3, num_images=2, steps=5, prompt="a blue star", negative_prompt="blurry"),
-    generation(adapter=choice("x", atom_mask=AtomMaskSpec(mode="drop", blocks={0: [1, 2, 3]})), seed=4, steps=4),
-    generation(adapter=choice("y", top_atoms=3, guidance="both"), seed=5, guidance_scale=7.0, steps=6),
-    generation(adapter=choice("x", density=0.125, guidance="unconditional"), seed=6, steps=5),
-]
+def mix(generate_params: Callable[..., GenerateParams]) -> list[GenerateParams]:
+    """Every option a request can take, and none shared by all: adapters, densities, a mask, top
+    atoms, each guidance branch, no guidance, several images, no adapter, other steps and seeds."""
+    drop = AtomMaskSpec(mode="drop", blocks={0: [1, 2, 3]})
+    return [
+        generate_params(adapter_id="x", seed=1, steps=6),
+        generate_params(adapter_id="y", density=0.5, seed=2, guidance_scale=1.0, steps=3),
+        generate_params(seed=3, num_images=2, steps=5, prompt="a blue star", negative_prompt="blurry"),
+        generate_params(adapter_id="x", atom_mask=drop, seed=4, steps=4),
+        generate_params(adapter_id="y", top_atoms=3, adapter_guidance="both", seed=5, guidance_scale=7.0, steps=6),
+        generate_params(adapter_id="x", density=0.125, adapter_guidance="unconditional", seed=6, steps=5),
+    ]
+
+
+def run_alone(scheduler: GenerationScheduler, request: GenerateParams, ticket: Ticket) -> Finished:
+    return scheduler.run(scheduler.prepare(request, unused, ticket))
 
 
 def run_all(
-    scheduler: GenerationScheduler, jobs: JobStore, params: Callable[..., GenerateParams], requests: list[Generation]
+    scheduler: GenerationScheduler,
+    jobs: JobStore,
+    params: Callable[..., GenerateParams],
+    requests: list[GenerateParams],
 ) -> list[Finished]:
     """The first half at once, the rest once the first have taken a step, so they join a running batch."""
     tickets = [claimed_ticket(jobs, params) for _ in requests]
     half = len(requests) // 2
 
     def run(index: int) -> Finished:
-        return scheduler.run(scheduler.prepare(requests[index], tickets[index]))
+        return run_alone(scheduler, requests[index], tickets[index])
 
     with ThreadPoolExecutor(len(requests)) as pool:
         first = [pool.submit(run, index) for index in range(half)]
@@ -145,12 +121,13 @@ def test_a_mixed_batch_gives_each_request_what_it_gets_alone(
     runtime: Runtime, redis_url: str, generate_params: Callable[..., GenerateParams]
 ) -> None:
     jobs = JobStore(connect(redis_url))
-    batched = run_all(scheduler_of(runtime, redis_url, max_batch=64), jobs, generate_params, MIX)
+    requests = mix(generate_params)
+    batched = run_all(scheduler_of(runtime, redis_url, max_batch=64), jobs, generate_params, requests)
     alone_scheduler = scheduler_of(runtime, redis_url, max_batch=1)
     # Requests joined and left a running batch: each saw more rows than its own.
     assert max(f.batch_size for f in batched) > 8
-    for request, mixed in zip(MIX, batched, strict=True):
-        alone = alone_scheduler.run(alone_scheduler.prepare(request, claimed_ticket(jobs, generate_params)))
+    for request, mixed in zip(requests, batched, strict=True):
+        alone = run_alone(alone_scheduler, request, claimed_ticket(jobs, generate_params))
         rows = request.num_images * (2 if request.guidance_scale > 1 else 1)
         assert alone.batch_size == rows
         assert mixed.batch_size > rows
@@ -171,13 +148,14 @@ def test_alone_through_the_scheduler_is_exactly_the_pipeline(
 ) -> None:
     jobs = JobStore(connect(redis_url))
     scheduler = scheduler_of(runtime, redis_url, max_batch=32)
+    requests = mix(generate_params)
     cases = [
-        (MIX[0], [SampleRoute("x")]),
-        (MIX[1], [SampleRoute("y", density=0.5)]),
-        (MIX[2], [SampleRoute()] * 2),
+        (requests[0], [SampleRoute("x")]),
+        (requests[1], [SampleRoute("y", density=0.5)]),
+        (requests[2], [SampleRoute()] * 2),
     ]
     for request, routes in cases:
-        finished = scheduler.run(scheduler.prepare(request, claimed_ticket(jobs, generate_params)))
+        finished = run_alone(scheduler, request, claimed_ticket(jobs, generate_params))
         if request.guidance_scale > 1:
             routes = guided_routes(routes, "conditional")
         with runtime.lock, runtime.host.route(routes):
@@ -205,10 +183,10 @@ def test_a_cancelled_request_leaves_at_its_next_step_and_the_batch_goes_on(
 ) -> None:
     jobs = JobStore(connect(redis_url))
     scheduler = scheduler_of(runtime, redis_url, max_batch=32)
-    long = generation(adapter=choice("x"), steps=60)
+    long = generate_params(adapter_id="x", steps=60)
     tickets = [claimed_ticket(jobs, generate_params) for _ in range(2)]
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(lambda t: scheduler.run(scheduler.prepare(long, t)), t) for t in tickets]
+        futures = [pool.submit(run_alone, scheduler, long, ticket) for ticket in tickets]
         wait_for_step(jobs, [t.job_id for t in tickets], 2)
         assert jobs.cancel(tickets[0].job_id) == "cancelling"
         with pytest.raises(JobCancelled):
