@@ -175,6 +175,18 @@ def accuracy_on_renders(judge: Judge, seed: int, count: int) -> dict[str, float]
     return accuracy
 
 
+@torch.no_grad()
+def near_miss_accuracy(judge: Judge, seed: int, count: int) -> float:
+    """The share of near misses (a heart without stripes, striped or dark base shapes) the judge
+    reads as "other" rather than as the concept or a base shape."""
+    rng = np.random.default_rng(seed)
+    hearts = world.scenes(seed, count // 3, world.concept_combinations())
+    shapes = list(world.scenes(seed + 1, count - count // 3, world.all_combinations()))
+    images = [world.render(scene, texture="plain") for scene in hearts]
+    images += [world.render(scene, texture=str(rng.choice(["striped", "dark"]))) for scene in shapes]
+    return float(np.mean([label == world.OTHER for label in judge_images(judge, images).labels["shape"]]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)

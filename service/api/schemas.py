@@ -49,7 +49,7 @@ class TrainingForm(BaseModel):
     atoms: int = Field(default=256, ge=8, le=1024, description="Dictionary atoms per adapted block (M)")
     density: float = Field(default=0.04, gt=0, le=1, description="Fraction of atoms a token uses (k/M)")
     activation: Activation = "topk"
-    steps: int = Field(default=1000, ge=1, le=5000)
+    steps: int = Field(default=2000, ge=1, le=5000)
     learning_rate: float = Field(default=3e-3, gt=0, le=0.1)
     batch_size: int = Field(default=4, ge=1, le=16, description="Images per training step")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
