@@ -33,6 +33,8 @@ def demo_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]
         "ATOMTUNE_DEVICE": "cpu",
         "ATOMTUNE_WORKER_HEARTBEAT_SECONDS": "1",
         "ATOMTUNE_WORKER_METRICS_PORT": "0",
+        # One thread per process: two threads each, on two shared cores, made a training step 25x slower.
+        "OMP_NUM_THREADS": "1",
     }
     logs = tmp_path_factory.mktemp("demo-logs")
     gateway_port = free_port()
