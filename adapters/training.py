@@ -60,6 +60,11 @@ class TrainingConfig:
     max_sequence_length: int = 120
     importance_probes: int = 8
     """Timesteps per training image at which atom importance is measured after training."""
+    augmentations: int = 0
+    """Extra copies of every training image, each mirrored at random and shifted by up to an
+    eighth of its side (the edge pixels repeated into the gap), encoded once beside the originals.
+    With a few images the concept is otherwise learnt at the few positions they show, and the
+    generated images copy those layouts."""
     calibrate_init: bool = True
     """Scale W_s's initialisation to the measured RMS of each block's self-attention input on the
     training images, so the coefficients start at unit variance. PixArt's normalised and
@@ -77,6 +82,8 @@ class TrainingConfig:
             raise ValueError(f"resolution must be in [8, 4096], got {self.resolution}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if not 0 <= self.augmentations <= 16:
+            raise ValueError(f"augmentations must be in [0, 16], got {self.augmentations}")
         if self.importance_probes < 1:
             raise ValueError("importance_probes must be at least 1")
 
@@ -138,7 +145,11 @@ def encode_concept(
         raise ValueError("the prompt must name the concept")
     device = pipeline.transformer.device
     resolution = config.resolution or native_resolution(pipeline)
-    pixels = torch.stack([_to_pixels(image, resolution) for image in images]).to(device, pipeline.vae.dtype)
+    originals = [_to_pixels(image, resolution) for image in images]
+    variants = [_mirrored_and_shifted(p, generator) for _ in range(config.augmentations) for p in originals]
+    if len(prompts) > 1:
+        prompts = prompts * (1 + config.augmentations)
+    pixels = torch.stack(originals + variants).to(device, pipeline.vae.dtype)
     with torch.no_grad():
         distribution = pipeline.vae.encode(pixels).latent_dist
         noise = torch.randn(distribution.mean.shape, generator=generator).to(device, distribution.mean.dtype)
@@ -161,6 +172,16 @@ def _to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _mirrored_and_shifted(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    side = pixels.shape[-1]
+    margin = max(side // 8, 1)
+    if torch.rand((), generator=generator) < 0.5:
+        pixels = pixels.flip(-1)
+    padded = F.pad(pixels[None], (margin, margin, margin, margin), mode="replicate")[0]
+    top, left = (int(v) for v in torch.randint(0, 2 * margin + 1, (2,), generator=generator))
+    return padded[:, top : top + side, left : left + side]
 
 
 def train_adapter(

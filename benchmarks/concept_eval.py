@@ -137,6 +137,8 @@ class Method:
 class Recipe:
     learning_rate: float
     steps: int
+    augmentations: int = 0
+    """Mirrored and shifted copies of every training image (``TrainingConfig.augmentations``)."""
 
 
 # Each method's best recipe from `--sweep` on this model (benchmarks/RESULTS.md has the sweep).
@@ -312,6 +314,7 @@ def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: 
     config = TrainingConfig(
         steps=max(1, round(recipe.steps * budget.steps_scale)),
         learning_rate=recipe.learning_rate,
+        augmentations=recipe.augmentations,
         batch_size=budget.batch_size,
         seed=seed,
         max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
@@ -826,11 +829,15 @@ def main() -> None:
     parser.add_argument("--recipes", type=Path, help="a --sweep's concept_sweep.json: use its best recipe per method")
     parser.add_argument("--methods-only", action="store_true", help="the methods table only, no sweeps or figures")
     parser.add_argument("--methods", help="comma-separated labels of the methods to run (default: all)")
+    parser.add_argument("--seeds", type=int, help="run this many seeds (default: the budget's)")
+    parser.add_argument("--augmentations", type=int, help="override every recipe's augmented copies per image")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_progress_bars()
     budget = QUICK if args.quick else FULL
+    if args.seeds is not None:
+        budget = replace(budget, seeds=tuple(range(args.seeds)))
     training = TRAINING_SETS[args.training]
     if args.sweep:
         run_sweep(budget, args.model, args.output, args.branch, training)
@@ -838,6 +845,8 @@ def main() -> None:
     recipes = RECIPES
     if args.recipes is not None:
         recipes = {**RECIPES, **best_recipes(json.loads(args.recipes.read_text())["sweep"])}
+    if args.augmentations is not None:
+        recipes = {kind: replace(recipe, augmentations=args.augmentations) for kind, recipe in recipes.items()}
     methods = METHODS
     if args.methods:
         wanted = args.methods.split(",")

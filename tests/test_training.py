@@ -123,6 +123,30 @@ def test_calibrated_initialisation_gives_unit_variance_coefficients() -> None:
         assert coefficient_rms(plain) < 0.5
 
 
+def test_augmented_copies_are_encoded_beside_the_originals_with_their_captions() -> None:
+    from adapters.training import encode_concept
+
+    pipeline = build_tiny_pipeline(seed=0)
+    images = concept_images(2)
+    captions = ["a photo of sks on grey", "a photo of sks in the dark"]
+
+    def encode(augmentations: int, seed: int = 0) -> torch.Tensor:
+        config = training_config(1, augmentations=augmentations)
+        data = encode_concept(pipeline, images, captions, config, torch.Generator().manual_seed(seed))
+        assert data.prompt_embeds.shape[0] == data.latents.shape[0] == 2 * (1 + augmentations)
+        # Captions follow their image: every copy of image j is trained on image j's caption.
+        for copy in range(1, 1 + augmentations):
+            assert torch.equal(data.prompt_embeds[2 * copy : 2 * copy + 2], data.prompt_embeds[0:2])
+        return data.latents
+
+    encode(0)
+    augmented = encode(3)
+    assert torch.equal(augmented, encode(3)), "augmentation is seeded"
+    assert (augmented[2:] - augmented[:2].repeat(3, 1, 1, 1)).abs().amax() > 0.1, "copies differ from originals"
+    with pytest.raises(ValueError, match="augmentations"):
+        training_config(1, augmentations=17).validate()
+
+
 def test_training_is_deterministic_for_a_seed() -> None:
     pipeline = build_tiny_pipeline(seed=0)
     host = AdapterHost(pipeline.transformer)
