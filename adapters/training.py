@@ -65,6 +65,21 @@ class TrainingConfig:
     eighth of its side (the edge pixels repeated into the gap), encoded once beside the originals.
     With a few images the concept is otherwise learnt at the few positions they show, and the
     generated images copy those layouts."""
+    prior_prompts: tuple[str, ...] = ()
+    """Prompts of ordinary images the adapter must leave as the base draws them (prior
+    preservation): before training, the base draws ``prior_images_per_prompt`` images of each and
+    predicts their noise at ``prior_noise_draws`` random noisings each; every step adds the
+    distance of the adapted prediction to the base's on a batch of those, weighted by
+    ``prior_loss_weight``, to the concept's loss. The update lives in self-attention and sees the
+    prompt only through what earlier blocks' cross-attention wrote into the image tokens; without
+    such prompts nothing tells it to act on the concept's prompts only. (DreamBooth's form, the
+    denoising loss on the base's images, was measured to move the prediction on them more than no
+    prior at all: with a few images the adapter learns to reproduce them instead.)"""
+    prior_images_per_prompt: int = 4
+    prior_noise_draws: int = 16
+    prior_loss_weight: float = 1.0
+    prior_inference_steps: int = 20
+    prior_guidance_scale: float = 4.5
     calibrate_init: bool = True
     """Scale W_s's initialisation to the measured RMS of each block's self-attention input on the
     training images, so the coefficients start at unit variance. PixArt's normalised and
@@ -84,6 +99,14 @@ class TrainingConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if not 0 <= self.augmentations <= 16:
             raise ValueError(f"augmentations must be in [0, 16], got {self.augmentations}")
+        if len(self.prior_prompts) > 64 or not all(prompt.strip() for prompt in self.prior_prompts):
+            raise ValueError("prior_prompts must be at most 64 non-empty prompts")
+        if not 1 <= self.prior_images_per_prompt <= 64:
+            raise ValueError(f"prior_images_per_prompt must be in [1, 64], got {self.prior_images_per_prompt}")
+        if not 1 <= self.prior_noise_draws <= 256:
+            raise ValueError(f"prior_noise_draws must be in [1, 256], got {self.prior_noise_draws}")
+        if not 0.0 <= self.prior_loss_weight <= 100.0:
+            raise ValueError(f"prior_loss_weight must be in [0, 100], got {self.prior_loss_weight}")
         if self.importance_probes < 1:
             raise ValueError("importance_probes must be at least 1")
 
@@ -103,6 +126,20 @@ class ConceptData:
             batch = picks.shape[0]
             return self.prompt_embeds.expand(batch, -1, -1), self.prompt_attention_mask.expand(batch, -1)
         return self.prompt_embeds[picks], self.prompt_attention_mask[picks]
+
+
+@dataclass
+class PriorData:
+    """Noisy latents of the base's own images of the prior prompts, with the base's noise
+    prediction for each: the targets the adapted model must keep."""
+
+    latents: torch.Tensor
+    """The base's images, one per prior prompt and image, before noising."""
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    targets: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
 
 
 @dataclass
@@ -164,6 +201,50 @@ def encode_concept(
     return ConceptData(latents.float(), embeds, mask)
 
 
+@torch.no_grad()
+def draw_prior(pipeline: PixArtSigmaPipeline, config: TrainingConfig, seed: int) -> PriorData | None:
+    """The base model's own images of ``config.prior_prompts``, drawn as the pipeline draws them,
+    noised ``config.prior_noise_draws`` times each with the base's noise prediction as the target;
+    ``None`` without prior prompts. Call it while no update acts on the pipeline's transformer."""
+    if not config.prior_prompts:
+        return None
+    resolution = config.resolution or native_resolution(pipeline)
+    device = pipeline.transformer.device
+    prompts = [prompt for prompt in config.prior_prompts for _ in range(config.prior_images_per_prompt)]
+    latents = pipeline(
+        prompt=prompts,
+        negative_prompt="",
+        num_inference_steps=config.prior_inference_steps,
+        guidance_scale=config.prior_guidance_scale,
+        height=resolution,
+        width=resolution,
+        generator=torch.Generator(device).manual_seed(seed),
+        output_type="latent",
+        use_resolution_binning=False,
+        clean_caption=False,
+        max_sequence_length=config.max_sequence_length,
+    ).images.float()
+    embeds, mask, _, _ = pipeline.encode_prompt(
+        prompts,
+        do_classifier_free_guidance=False,
+        device=device,
+        clean_caption=False,
+        max_sequence_length=config.max_sequence_length,
+    )
+    images = ConceptData(latents, embeds, mask)
+    generator = torch.Generator().manual_seed(seed)
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    picks = torch.arange(len(prompts)).repeat(config.prior_noise_draws).to(device)
+    noise = torch.randn((picks.shape[0], *latents.shape[1:]), generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (picks.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents[picks], noise, timesteps.to(device))
+    chunks = [slice(start, start + 64) for start in range(0, picks.shape[0], 64)]
+    targets = torch.cat(
+        [_predict_noise(pipeline.transformer, noisy[c], timesteps[c].to(device), images, picks[c]) for c in chunks]
+    )
+    return PriorData(latents, noisy, timesteps, targets.float(), embeds[picks], mask[picks])
+
+
 def _to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     """Center-crop to a square, resize, scale to [-1, 1], channels first."""
     image = image.convert("RGB")
@@ -203,6 +284,7 @@ def train_adapter(
     config.validate()
     generator = torch.Generator().manual_seed(config.seed)
     data = encode_concept(pipeline, images, prompt, config, generator)
+    prior = draw_prior(pipeline, config, config.seed)
     input_rms = None
     if config.calibrate_init:
         input_rms = measure_input_rms(pipeline.transformer, adapter_config.blocks(host.num_blocks), data)
@@ -213,7 +295,7 @@ def train_adapter(
         adapter.float().train()
         with host.route([SampleRoute(name)]):
             losses, seconds = _fit(
-                pipeline, list(adapter.parameters()), data, config, generator, on_progress, should_stop
+                pipeline, list(adapter.parameters()), data, config, generator, on_progress, should_stop, prior
             )
             adapter.eval()
             adapter.importance = compute_atom_importance(
@@ -282,11 +364,12 @@ def train_baseline(
     no other adapter is using.
     """
     config.validate()
+    prior = draw_prior(pipeline, config, config.seed)
     model = peft_wrap(pipeline.transformer, method, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     data = encode_concept(pipeline, images, prompt, config, generator)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    losses, seconds = _fit(pipeline, trainable, data, config, generator, on_progress, should_stop)
+    losses, seconds = _fit(pipeline, trainable, data, config, generator, on_progress, should_stop, prior)
     return BaselineResult(model, losses, seconds)
 
 
@@ -312,33 +395,28 @@ def _fit(
     generator: torch.Generator,
     on_progress: ProgressCallback | None,
     should_stop: StopCheck | None,
+    prior: PriorData | None = None,
 ) -> tuple[list[float], float]:
+    """AdamW on ``parameters``; the reported loss is the concept's (the prior's is added to the
+    gradient only)."""
     transformer = pipeline.transformer
     transformer.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    device = data.latents.device
-    count = data.latents.shape[0]
     losses: list[float] = []
     started = time.perf_counter()
     with _gradient_checkpointing(transformer, config.gradient_checkpointing):
         for step in range(1, config.steps + 1):
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(step - 1)
-            picks = torch.randint(0, count, (config.batch_size,), generator=generator)
-            latents = data.latents[picks.to(device)]
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.randint(
-                0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
-            )
-            noisy = scheduler.add_noise(latents, noise, timesteps).to(device)
-            with _autocast(device, config.mixed_precision):
-                prediction = _predict_noise(transformer, noisy, timesteps.to(device), data, picks.to(device))
-            loss = F.mse_loss(prediction.float(), noise.float())
+            loss = _denoising_loss(transformer, scheduler, data, config, generator)
+            total = loss
+            if prior is not None:
+                total = loss + config.prior_loss_weight * _prior_loss(transformer, prior, config, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
@@ -347,6 +425,38 @@ def _fit(
     for parameter in parameters:
         parameter.requires_grad_(False)
     return losses, time.perf_counter() - started
+
+
+def _denoising_loss(
+    transformer: nn.Module,
+    scheduler: DDPMScheduler,
+    data: ConceptData,
+    config: TrainingConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MSE of the predicted noise on ``config.batch_size`` of ``data``'s latents, noised at random
+    timesteps."""
+    device = data.latents.device
+    picks = torch.randint(0, data.latents.shape[0], (config.batch_size,), generator=generator)
+    latents = data.latents[picks.to(device)]
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps).to(device)
+    with _autocast(device, config.mixed_precision):
+        prediction = _predict_noise(transformer, noisy, timesteps.to(device), data, picks.to(device))
+    return F.mse_loss(prediction.float(), noise.float())
+
+
+def _prior_loss(
+    transformer: nn.Module, prior: PriorData, config: TrainingConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """MSE between the adapted and the base's noise prediction on ``config.batch_size`` of the prior's noisy latents."""
+    device = prior.noisy.device
+    picks = torch.randint(0, prior.noisy.shape[0], (config.batch_size,), generator=generator).to(device)
+    data = ConceptData(prior.noisy, prior.prompt_embeds, prior.prompt_attention_mask)
+    with _autocast(device, config.mixed_precision):
+        prediction = _predict_noise(transformer, prior.noisy[picks], prior.timesteps[picks].to(device), data, picks)
+    return F.mse_loss(prediction.float(), prior.targets[picks])
 
 
 def _predict_noise(
