@@ -26,7 +26,7 @@ Adapters act on the conditional half of the guidance batch (`adapter_guidance`, 
 default); `--branch both` measures the other choice. Each method runs at its own best recipe
 from `--sweep` (learning rate x steps).
 
-    python -m benchmarks.concept_eval              # Table 1, Table 2, Figures 3, 4 and 7 (about 1 h)
+    python -m benchmarks.concept_eval              # Table 1, Table 2, Figures 3, 4 and 7 (about 20 min)
     python -m benchmarks.concept_eval --sweep      # each method's recipe: learning rate x steps
     python -m benchmarks.concept_eval --quick      # a minute: one seed, a few steps, small sweeps
 
@@ -158,10 +158,10 @@ class Recipe:
 
 # Each method's best recipe from `--sweep` on this model (benchmarks/RESULTS.md has the sweep).
 RECIPES: dict[str, Recipe] = {
-    "ours": Recipe(3e-3, 2000),
-    "lora": Recipe(1e-3, 1000),
-    "dora": Recipe(1e-3, 1000),
-    "oft": Recipe(3e-3, 1000),
+    "ours": Recipe(3e-3, 1000),
+    "lora": Recipe(3e-3, 2000),
+    "dora": Recipe(3e-3, 2000),
+    "oft": Recipe(1e-3, 2000),
 }
 
 

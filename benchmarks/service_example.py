@@ -21,7 +21,7 @@ import httpx
 from PIL import Image
 
 from benchmarks import judge as judge_module
-from benchmarks.concept_eval import concept_probability
+from benchmarks.concept_eval import concept_probability, labelled_grid
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "striped-heart"
 IMAGES_PER_CHECK = 4
@@ -91,23 +91,23 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--key", required=True, help="the key `atomtune up` printed")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tunes, each with its own seed")
-    parser.add_argument("--output", type=Path, help="write the JSON and the images here")
+    parser.add_argument("--output", type=Path, help="write the JSON and the image grid here")
     args = parser.parse_args()
     results = []
+    rows: dict[str, list[Image.Image]] = {}
     with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.key}"}, timeout=60) as api:
         for seed in range(args.seeds):
             # Only the training seed is set, so that each fine-tune is reproducible; every other
             # field is the API's default, as in the README.
             result = check(api, generation_seed=seed, seed=seed)
-            images = result.pop("images")
+            images: dict[str, list[Image.Image]] = result.pop("images")  # type: ignore[assignment]
+            rows[f"seed {seed}, adapter"] = images["adapter"]
+            rows[f"seed {seed}, base model"] = images["base"]
             results.append(result)
             print(json.dumps(result), flush=True)
-            if args.output is not None:
-                args.output.mkdir(parents=True, exist_ok=True)
-                for name, batch in images.items():  # type: ignore[union-attr]
-                    for index, image in enumerate(batch):
-                        image.save(args.output / f"seed{seed}-{name}-{index}.png")
     if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        labelled_grid(rows, IMAGES_PER_CHECK, scale=2).save(args.output / "service_example.png")
         (args.output / "service_example.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
