@@ -158,40 +158,40 @@ def _read_config(path: Path) -> tuple[SparseDictionaryConfig, dict[str, int]]:
         raw = handle.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
         raise AdapterFormatError(
-            f"{path} is larger than {MAX_CONFIG_BYTES} bytes; an adapter config is a few hundred bytes"
+            f"{path.name} is larger than {MAX_CONFIG_BYTES} bytes; an adapter config is a few hundred bytes"
         )
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise AdapterFormatError(f"{path} is not valid UTF-8 JSON ({error}); re-save the adapter") from error
+        raise AdapterFormatError(f"{path.name} is not valid UTF-8 JSON ({error}); re-save the adapter") from error
     if not isinstance(data, dict):
-        raise AdapterFormatError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise AdapterFormatError(f"{path.name} must hold a JSON object, got {type(data).__name__}")
     if data.get("atomtune_format") != FORMAT_NAME:
         raise AdapterFormatError(
-            f"{path} has atomtune_format {data.get('atomtune_format')!r}, expected {FORMAT_NAME!r}; "
+            f"{path.name} has atomtune_format {data.get('atomtune_format')!r}, expected {FORMAT_NAME!r}; "
             "this is not an atomtune sparse dictionary adapter"
         )
     version = data.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise AdapterFormatError(
-            f"{path} has format_version {version!r}; this atomtune reads version {FORMAT_VERSION} only"
+            f"{path.name} has format_version {version!r}; this atomtune reads version {FORMAT_VERSION} only"
         )
     missing = [field for field in _SHAPE_FIELDS if field not in data]
     if missing:
-        raise AdapterFormatError(f"{path} lacks the fields {missing}; re-save the adapter with save_adapter")
+        raise AdapterFormatError(f"{path.name} lacks the fields {missing}; re-save the adapter with save_adapter")
     shapes: dict[str, int] = {}
     for field in _SHAPE_FIELDS:
         value = data.pop(field)
         limit = MAX_BLOCKS if field == "num_blocks" else MAX_FEATURES
         if type(value) is not int or not 1 <= value <= limit:
-            raise AdapterFormatError(f"{path}: {field} must be an integer in [1, {limit}], got {value!r}")
+            raise AdapterFormatError(f"{path.name}: {field} must be an integer in [1, {limit}], got {value!r}")
         shapes[field] = value
     del data["atomtune_format"], data["format_version"]
     try:
         config = SparseDictionaryConfig.from_dict(data)
         config.validate(num_blocks=shapes["num_blocks"])
     except AdapterConfigError as error:
-        raise AdapterFormatError(f"{path}: {error}") from error
+        raise AdapterFormatError(f"{path.name}: {error}") from error
     return config, shapes
 
 
@@ -204,20 +204,20 @@ def _check_header(path: Path, max_bytes: int) -> None:
     """
     size = path.stat().st_size
     if size > max_bytes:
-        raise AdapterFormatError(f"{path} is {size} bytes, over the {max_bytes}-byte limit for an adapter")
+        raise AdapterFormatError(f"{path.name} is {size} bytes, over the {max_bytes}-byte limit for an adapter")
     with path.open("rb") as handle:
         prefix = handle.read(8)
     if len(prefix) < 8:
-        raise AdapterFormatError(f"{path} is {size} bytes, too short to be a safetensors file; re-upload it")
+        raise AdapterFormatError(f"{path.name} is {size} bytes, too short to be a safetensors file; re-upload it")
     header_length = int.from_bytes(prefix, "little")
     if header_length > MAX_HEADER_BYTES:
         raise AdapterFormatError(
-            f"{path} declares a {header_length}-byte header (limit {MAX_HEADER_BYTES}); it is not a safetensors "
+            f"{path.name} declares a {header_length}-byte header (limit {MAX_HEADER_BYTES}); it is not a safetensors "
             "file (a pickle or torch.save checkpoint renamed?). Save the weights with safetensors"
         )
     if header_length > size - 8:
         raise AdapterFormatError(
-            f"{path} declares a {header_length}-byte header but has only {size - 8} bytes after the length; "
+            f"{path.name} declares a {header_length}-byte header but has only {size - 8} bytes after the length; "
             "the file is truncated or not safetensors"
         )
 
@@ -250,7 +250,7 @@ def load_adapter(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise AdapterFormatError(
-                f"{folder} has no {path.name}; an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}"
+                f"the adapter has no {path.name}; an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
     config, shapes = _read_config(config_path)
     if expected_fingerprint is not None and config.base_fingerprint != expected_fingerprint:
@@ -269,14 +269,14 @@ def load_adapter(
             present = set(handle.keys())
             missing = sorted(set(expected) - present)
             if missing:
-                raise AdapterFormatError(f"{weights_path} lacks the tensors {missing}")
+                raise AdapterFormatError(f"{weights_path.name} lacks the tensors {missing}")
             unknown = sorted(present - set(expected) - importance_names)
             if unknown:
-                raise AdapterFormatError(f"{weights_path} has unknown tensors {unknown}; remove them")
+                raise AdapterFormatError(f"{weights_path.name} has unknown tensors {unknown}; remove them")
             found_importance = present & importance_names
             if found_importance and found_importance != importance_names:
                 raise AdapterFormatError(
-                    f"{weights_path} has importance for only some blocks (missing "
+                    f"{weights_path.name} has importance for only some blocks (missing "
                     f"{sorted(importance_names - found_importance)}); store it for every block or none"
                 )
             specs = {**expected, **dict.fromkeys(found_importance, importance_spec)}
@@ -295,7 +295,9 @@ def load_adapter(
             for name in sorted(specs):
                 tensors[name] = handle.get_tensor(name)
     except SafetensorError as error:
-        raise AdapterFormatError(f"{weights_path} is not a valid safetensors file ({error}); re-save it") from error
+        raise AdapterFormatError(
+            f"{weights_path.name} is not a valid safetensors file ({error}); re-save it"
+        ) from error
     for name, tensor in tensors.items():
         _check_values(name, tensor, non_negative=name in found_importance)
 

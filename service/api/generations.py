@@ -1,7 +1,7 @@
 from contextlib import nullcontext
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import ServicesDep, TenantDep
@@ -24,8 +24,10 @@ async def create_generation(
     tenant: TenantDep,
     services: ServicesDep,
     response: Response,
+    connection: Request,
     wait: Annotated[
-        float, Query(ge=0, description="Seconds to wait for the result (bounded by the server's limit)")
+        float,
+        Query(ge=0, description="Seconds to wait for the result (at most ATOMTUNE_MAX_WAIT_SECONDS, 60 by default)"),
     ] = 0,
 ) -> GenerationAccepted:
     """Generate images, optionally through an adapter with a density, an atom mask or its top atoms."""
@@ -35,7 +37,7 @@ async def create_generation(
     slot = services.stream_slots.hold(tenant.id) if wait > 0 else nullcontext()
     async with slot:
         job_id = await run_in_threadpool(submit_generation, services, tenant, request)
-        job = await services.watcher.wait(job_id, wait) if wait > 0 else None
+        job = await services.watcher.wait(job_id, wait, connection.is_disconnected) if wait > 0 else None
     if job is not None:
         response.status_code = 200
     return GenerationAccepted(job_id=job_id, job=JobOut.of(job) if job is not None else None)

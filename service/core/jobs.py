@@ -8,7 +8,7 @@ worker whose delivery was superseded by a redelivery: its progress and result ar
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +23,8 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 EVENTS_MAXLEN = 1000
 EVENT_PING_SECONDS = 15.0
 """How long an event stream waits for a change before it sends a keep-alive."""
+WAIT_CHECK_SECONDS = 0.5
+"""How often a ``wait`` looks at its deadline and asks whether its client is still there."""
 FINISHED_EVENTS_TTL_SECONDS = 24 * 3600
 
 
@@ -392,10 +394,7 @@ class JobWatcher:
     async def events(self, job_id: str, ping_seconds: float = EVENT_PING_SECONDS) -> AsyncIterator[JobEvent]:
         """The current state, then every change, until the job ends."""
         stream = job_events_key(job_id)
-        # Take the stream position before the snapshot, so no change between the two is missed.
-        latest = await self.db.xrevrange(stream, count=1)
-        cursor = latest[0][0] if latest else "0-0"
-        job = await self.get(job_id)
+        cursor, job = await self._snapshot(job_id)
         if job is None:
             return
         yield JobEvent("status", job=job)
@@ -425,13 +424,36 @@ class JobWatcher:
                 if job.terminal:
                     return
 
-    async def wait(self, job_id: str, timeout: float) -> Job | None:
-        """The job once it has ended, or None if it is still going after ``timeout`` seconds."""
-        try:
-            async with asyncio.timeout(timeout):
-                async for event in self.events(job_id, ping_seconds=max(timeout, 0.1)):
-                    if event.job is not None and event.job.terminal:
-                        return event.job
-        except TimeoutError:
-            return None
+    async def wait(
+        self, job_id: str, timeout: float, client_gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> Job | None:
+        """The job once it has ended, or None if it is still going after ``timeout`` seconds or
+        ``client_gone`` says the caller left.
+
+        The deadline is checked by this loop between bounded reads rather than by cancelling a
+        read in flight: a blocking XREAD can absorb a cancellation and run on to the job's end.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        stream = job_events_key(job_id)
+        cursor, job = await self._snapshot(job_id)
+        while job is not None and not job.terminal:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or (client_gone is not None and await client_gone()):
+                return None
+            # XREAD's block=0 means forever: a read blocks for at least one millisecond.
+            block = max(1, int(min(remaining, WAIT_CHECK_SECONDS) * 1000))
+            reply = await self.streams.xread({stream: cursor}, block=block, count=100)
+            if not reply:
+                continue
+            entries = reply[0][1]
+            cursor = entries[-1][0]
+            if any(fields.get("type") != "progress" for _, fields in entries):
+                job = await self.get(job_id)
+        return job
+
+    async def _snapshot(self, job_id: str) -> tuple[str, Job | None]:
+        """The job's event stream position, then the job: no change between the two is missed."""
+        latest = await self.db.xrevrange(job_events_key(job_id), count=1)
+        return (latest[0][0] if latest else "0-0"), await self.get(job_id)
         return None

@@ -129,6 +129,11 @@ def tenants(settings: Settings) -> TenantStore:
 
 @pytest.fixture(scope="session")
 def gateway(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from serve_gateway(service_env, tmp_path_factory)
+
+
+def serve_gateway(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``atomtune serve`` in a process of its own, until the generator is closed."""
     port = free_port()
     log = (tmp_path_factory.mktemp("logs") / "gateway.log").open("wb")
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--loglevel", "warning"]
@@ -172,12 +177,17 @@ class Api(httpx.Client):
 
 
 @pytest.fixture
-def new_tenant(gateway: str, tenants: TenantStore) -> Iterator[Callable[[str], Api]]:
+def new_tenant(gateway: str, tenants: TenantStore) -> Iterator[Callable[..., Api]]:
+    yield from tenant_clients(gateway, tenants)
+
+
+def tenant_clients(gateway: str, tenants: TenantStore) -> Iterator[Callable[..., Api]]:
+    """Makes a new tenant and a client authenticated as it, per call; closes them at the end."""
     clients: list[Api] = []
 
-    def make(name: str) -> Api:
+    def make(name: str, timeout: float = 60) -> Api:
         tenant, key = tenants.create(f"{name}-{time.monotonic_ns()}")
-        client = Api(base_url=gateway, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        client = Api(base_url=gateway, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
         client.tenant_id = tenant.id
         clients.append(client)
         return client

@@ -423,14 +423,19 @@ def test_imports_and_training_requests_are_checked_against_the_served_base(setti
 
         publish_base(db, base)
         for content, says in [
-            (_zip({"adapter_config.json": b"{nope", "adapter_model.safetensors": b"x"}), "adapter_config.json"),
+            (_zip({"adapter_config.json": b"{nope", "adapter_model.safetensors": b"x"}), "adapter_config.json is not"),
+            (_zip({**ADAPTER_ENTRIES, "adapter_config.json": b" " * 70_000}), "adapter_config.json is larger than"),
+            (_zip({**ADAPTER_ENTRIES, "adapter_config.json": b"[]"}), "adapter_config.json must hold a JSON object"),
             (_adapter_zip(tmp_path, "pixart-other", 8, 32, 2), "made for base 'pixart-other'"),
             (_adapter_zip(tmp_path, base.fingerprint, 8, 16, 2), "in_features=16, but the served base model has 32"),
             (_adapter_zip(tmp_path, base.fingerprint, 8, 32, 3), "num_blocks=3, but the served base model has 2"),
             (_adapter_zip(tmp_path, base.fingerprint, 6, 32, 2), "multiple of the base model's 4 attention heads"),
         ]:
             response = upload(content)
-            assert response.status_code == 422 and says in error_of(response)["message"], response.text
+            message = error_of(response)["message"]
+            assert response.status_code == 422 and says in message, response.text
+            # The file is named, not where the server unpacked it.
+            assert str(isolated.data_dir) not in message and ".tmp-" not in message, message
         assert upload(good).status_code == 201
 
         image = [("images", ("a.png", noise_png(16), "image/png"))]
