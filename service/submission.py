@@ -82,9 +82,10 @@ def read_upload(upload: UploadFile, limit: int) -> bytes:
 
 
 def submit_finetune(
-    services: Services, tenant: Tenant, form: TrainingForm, images: list[UploadFile]
+    services: Services, tenant: Tenant, form: TrainingForm
 ) -> tuple[str, str]:
     """Checks the form and the images, stores the uploads and queues the training: (adapter id, job id)."""
+    images = form.images
     settings = services.settings
     if not 1 <= len(images) <= MAX_IMAGES:
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")

@@ -5,14 +5,21 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from service.api.deps import AdapterDep, ServicesDep, TenantDep
-from service.api.schemas import AdapterCreated, AdapterOut, AdapterPage, AtomsOut, ErrorResponse, TrainingForm
+from service.api.schemas import (
+    AdapterCreated,
+    AdapterOut,
+    AdapterPage,
+    AtomsOut,
+    ErrorResponse,
+    PlainText,
+    TrainingForm,
+)
 from service.bundles import import_adapter_zip, zip_folder
 from service.context import Services
 from service.core.catalog import AdapterRecord
 from service.core.ids import is_valid_id
 from service.core.storage import ADAPTER_SUBDIR, read_atoms
 from service.errors import ApiError, invalid
-from service.images import MAX_IMAGES
 from service.submission import read_upload, submit_finetune
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -35,10 +42,9 @@ def create_adapter(
     tenant: TenantDep,
     services: ServicesDep,
     form: Annotated[TrainingForm, Form()],
-    images: Annotated[list[UploadFile], File(description=f"1-{MAX_IMAGES} PNG, JPEG or WebP images")],
 ) -> AdapterCreated:
     """Fine-tune a new adapter on the images; the job's progress is at `/v1/jobs/{job_id}`."""
-    adapter_id, job_id = submit_finetune(services, tenant, form, images)
+    adapter_id, job_id = submit_finetune(services, tenant, form)
     return AdapterCreated(adapter_id=adapter_id, job_id=job_id)
 
 
@@ -115,7 +121,7 @@ def import_adapter(
     tenant: TenantDep,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="A zip as returned by /download")],
-    prompt: Annotated[str, Form(max_length=1000, description="What the adapter depicts")] = "",
+    prompt: Annotated[PlainText, Form(max_length=1000, description="What the adapter depicts")] = "",
 ) -> AdapterOut:
     """Upload an adapter; the engine's loader validates it before it is stored."""
     limit = services.settings.max_adapter_bytes

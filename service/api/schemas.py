@@ -2,10 +2,14 @@
 bounds the workers share (activations, cache tiers, atoms, blocks, seeds) come from the core's
 contract."""
 
+import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import UploadFile
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic_core import PydanticCustomError
 
 from service.core.catalog import AdapterRecord, AdapterSource, AdapterStatus
 from service.core.contract import (
@@ -21,6 +25,7 @@ from service.core.contract import (
     parse_result,
 )
 from service.core.jobs import Job, JobStatus
+from service.images import MAX_IMAGES
 
 
 def _time(value: float | None) -> datetime | None:
@@ -36,24 +41,49 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class TrainingForm(BaseModel):
-    """The form fields of ``POST /v1/adapters`` besides the images."""
+def _whole_number(value: object) -> object:
+    # Form fields arrive as text; pydantic's lax mode would read "3.0" as 3. (JSON bodies use StrictInt.)
+    if isinstance(value, bool | float) or (isinstance(value, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", value)):
+        raise PydanticCustomError("whole_number", "Input should be a whole number such as 20")
+    return value
 
-    prompt: str = Field(min_length=1, max_length=1000, description="Names the concept, e.g. 'a photo of sks dog'")
-    captions: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(
+
+def _plain_text(text: str) -> str:
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
+        raise PydanticCustomError("control_character", "Input should not contain control characters such as NUL")
+    return text
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+OptionalWholeNumber = Annotated[int | None, BeforeValidator(_whole_number)]
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+Caption = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_plain_text)]
+
+
+class TrainingForm(BaseModel):
+    """The multipart form of ``POST /v1/adapters``: the images and the training fields. A field it
+    does not know is refused rather than ignored (a misspelt ``stepz`` would train the default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[UploadFile] = Field(description=f"1-{MAX_IMAGES} PNG, JPEG or WebP images (repeat the field)")
+    prompt: PlainText = Field(
+        min_length=1, max_length=1000, description="Names the concept, e.g. 'a photo of sks dog'"
+    )
+    captions: list[Caption] | None = Field(
         default=None,
         description="One caption per image, in the images' order (repeat the field); every image is trained on "
         "`prompt` when omitted. Images of the concept in varied contexts, each captioned, teach it to follow "
         "the prompt's context",
     )
-    atoms: int = Field(default=256, ge=8, le=1024, description="Dictionary atoms per adapted block (M)")
+    atoms: WholeNumber = Field(default=256, ge=8, le=1024, description="Dictionary atoms per adapted block (M)")
     density: float = Field(default=0.04, gt=0, le=1, description="Fraction of atoms a token uses (k/M)")
     activation: Activation = "topk"
-    steps: int = Field(default=2000, ge=1, le=5000)
+    steps: WholeNumber = Field(default=2000, ge=1, le=5000)
     learning_rate: float = Field(default=3e-3, gt=0, le=0.1)
-    batch_size: int = Field(default=4, ge=1, le=16, description="Images per training step")
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
-    resolution: int | None = Field(
+    batch_size: WholeNumber = Field(default=4, ge=1, le=16, description="Images per training step")
+    seed: OptionalWholeNumber = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
+    resolution: OptionalWholeNumber = Field(
         default=None, ge=16, le=4096, description="Training size in pixels; the base model's own when omitted"
     )
 
@@ -118,7 +148,7 @@ class AtomMask(BaseModel):
 
     mode: AtomMaskMode = Field(description="Keep only the listed atoms, or drop them")
     # Bounded so that one request cannot store megabytes of job parameters in Redis.
-    blocks: dict[int, Annotated[list[int], Field(max_length=MAX_ATOMS)]] = Field(
+    blocks: dict[int, Annotated[list[StrictInt], Field(max_length=MAX_ATOMS)]] = Field(
         min_length=1,
         max_length=MAX_BLOCKS,
         description="Block index -> distinct atom indices; blocks not named keep every atom",
@@ -128,24 +158,24 @@ class AtomMask(BaseModel):
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=1000)
-    negative_prompt: str = Field(default="", max_length=1000)
+    prompt: PlainText = Field(min_length=1, max_length=1000)
+    negative_prompt: PlainText = Field(default="", max_length=1000)
     adapter_id: str | None = None
     density: float | None = Field(default=None, gt=0, le=1, description="Overrides the adapter's density")
     atom_mask: AtomMask | None = None
-    top_atoms: int | None = Field(default=None, ge=1, description="Keep the K most important atoms per block")
+    top_atoms: StrictInt | None = Field(default=None, ge=1, description="Keep the K most important atoms per block")
     adapter_guidance: GuidanceBranch = Field(
         default="conditional",
         description="Which classifier-free-guidance branch the adapter acts on: `conditional` (the default: the "
         "guidance scale amplifies the adapter like the prompt), `both` (the adapter at weight 1) or "
         "`unconditional` (steers away from the adapter's concept)",
     )
-    num_images: int = Field(default=1, ge=1, le=4)
-    steps: int = Field(default=20, ge=1, le=100)
+    num_images: StrictInt = Field(default=1, ge=1, le=4)
+    steps: StrictInt = Field(default=20, ge=1, le=100)
     guidance_scale: float = Field(default=4.5, ge=0, le=20)
-    width: int | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
-    height: int | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
+    width: StrictInt | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
+    height: StrictInt | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
 
 
 class Progress(BaseModel):

@@ -106,6 +106,12 @@ def gif_bytes() -> bytes:
         ("one", {"prompt": "p", "captions": ["a", "b"]}, 422, "one caption per image: 2 captions for 1 images"),
         ("one", {"prompt": "p", "captions": [""]}, 422, "captions.0: String should have at least 1 character"),
         ("one", {"prompt": "p", "batch_size": 17}, 422, "batch_size"),
+        # Refused rather than ignored or coerced: a misspelt field, a count that is not a whole number, NUL.
+        ("one", {"prompt": "p", "stepz": "3"}, 422, "stepz: Extra inputs are not permitted"),
+        ("one", {"prompt": "p", "steps": "3.0"}, 422, "steps: Input should be a whole number"),
+        ("one", {"prompt": "p", "steps": "true"}, 422, "steps: Input should be a whole number"),
+        ("one", {"prompt": "p\x00"}, 422, "prompt: Input should not contain control characters"),
+        ("one", {"prompt": "p", "captions": ["a\x00"]}, 422, "captions.0: Input should not contain control"),
     ],
 )
 def test_training_uploads_are_validated(
@@ -156,6 +162,11 @@ def _encode(content: object) -> bytes:
         ({"prompt": "p", "height": 2048}, {}, 422, "at most 1024"),
         ({"prompt": "p", "atom_masks": {}}, {}, 422, "atom_masks: Extra inputs are not permitted"),
         ({"prompt": ""}, {}, 422, "prompt: String should have at least 1 character"),
+        ({"prompt": "p\u0000"}, {}, 422, "prompt: Input should not contain control characters"),
+        ({"prompt": "p", "negative_prompt": "\u0007"}, {}, 422, "negative_prompt: Input should not contain"),
+        ({"prompt": "p", "steps": True}, {}, 422, "steps: Input should be a valid integer"),
+        ({"prompt": "p", "num_images": 2.0}, {}, 422, "num_images: Input should be a valid integer"),
+        ({"prompt": "p", "seed": "7"}, {}, 422, "seed: Input should be a valid integer"),
         ({"prompt": "p"}, {"wait": 600}, 422, "wait must be at most 60 seconds"),
         ({"prompt": "p", "atom_mask": {"mode": "keep", "blocks": {}}}, {}, 422, "atom_mask.blocks"),
         (
