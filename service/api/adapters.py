@@ -56,6 +56,7 @@ def list_adapters(
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
 ) -> AdapterPage:
     """Your adapters, newest first."""
+    cursor = cursor or None  # an empty cursor= is the first page, as no cursor is
     if cursor is not None and not is_valid_id(cursor):
         raise invalid("cursor must be the next_cursor of a previous page")
     ids = services.catalog.page(tenant.id, limit + 1, cursor)

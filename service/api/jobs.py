@@ -1,4 +1,5 @@
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -12,6 +13,7 @@ from service.errors import ApiError, not_found
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 429)}
+ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
@@ -32,7 +34,14 @@ def cancel_job(job: JobDep, services: ServicesDep) -> JobOut:
     return JobOut.of(current)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+# The stream's errors are JSON, not events: documented under that media type alone.
+EVENT_ERRORS = {
+    code: {"description": HTTPStatus(code).phrase, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    for code in ERRORS
+}
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=EVENT_ERRORS)
 async def job_events(job: JobDep, services: ServicesDep, _slot: StreamSlotDep) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events: `status` (the whole job) on every change, `progress` on every step; ends with the job."""
     async for event in services.watcher.events(job.id):

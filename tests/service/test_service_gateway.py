@@ -51,6 +51,26 @@ def test_health_docs_and_unknown_routes(gateway: str) -> None:
         assert response.status_code == 404 and "see /docs" in error_of(response)["message"]
 
 
+def test_openapi_and_allow_headers_tell_every_method_a_path_serves(new_tenant: Callable[[str], Api]) -> None:
+    api = new_tenant("methods")
+    for path, methods in (
+        (f"/v1/adapters/{UNKNOWN_ID}", {"GET", "DELETE"}),
+        (f"/v1/jobs/{UNKNOWN_ID}", {"GET", "DELETE"}),
+        ("/v1/adapters", {"GET", "POST"}),
+    ):
+        response = api.request("PATCH", path)
+        assert response.status_code == 405, response.text
+        assert methods <= set(response.headers["allow"].split(", ")), (path, response.headers["allow"])
+        assert "PATCH is not served here" in error_of(response)["message"]
+    schema = api.get("/openapi.json").json()
+    unauthorised = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["401"]
+    assert list(unauthorised["content"]) == ["application/json"], unauthorised
+    wait = next(p for p in schema["paths"]["/v1/generations"]["post"]["parameters"] if p["name"] == "wait")
+    assert "at most" in wait["description"]
+    # An empty cursor is the first page.
+    assert api.get("/v1/adapters", params={"cursor": ""}).status_code == 200
+
+
 def test_readyz_needs_a_live_worker(settings: Settings) -> None:
     # A Redis database no worker heartbeats into: Redis answers, but no worker is alive.
     lonely = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/3"})
