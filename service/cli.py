@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Everything the service writes (uploads, adapters, outputs, the Redis files `up` starts) holds
+    # tenants' data: private to the service's user, as are the children it starts.
+    os.umask(0o077)
     try:
         return int(args.func(args))
     except redis.ConnectionError:

@@ -58,6 +58,7 @@ class StreamSlots:
                 "too_many_streams",
                 f"you have {self.limit} event streams or waits open, the most allowed; close one "
                 "(or poll GET /v1/jobs/{id} instead) and retry",
+                headers={"Retry-After": "1"},
             )
         renewal = asyncio.create_task(self._renew(key))
         try:

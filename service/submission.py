@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # PixArt's VAE downsamples by 8 and its transformer patches latents by 2.
 SIDE_MULTIPLE = 16
 
+JOB_QUOTA_RETRY_SECONDS = 5
+"""What a 429 of the job quota tells clients to wait: about a short generation's time."""
+
 
 def check_side(name: str, value: int | None, max_side: int) -> None:
     if value is not None and (value > max_side or value % SIDE_MULTIPLE):
@@ -61,7 +64,10 @@ def submit(
         if undo is not None:
             undo()
         raise ApiError(
-            429, "too_many_jobs", f"you have {limit} jobs queued or running; wait for some to finish or cancel them"
+            429,
+            "too_many_jobs",
+            f"you have {limit} jobs queued or running; wait for some to finish or cancel them",
+            headers={"Retry-After": str(JOB_QUOTA_RETRY_SECONDS)},
         )
     try:
         enqueue(services.celery, params.kind, job_id)

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=10 * MiB, ge=1)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_request_bytes: int = Field(default=110 * MiB, ge=1)
+    max_json_bytes: int = Field(default=1 * MiB, ge=1, description="Largest JSON request body")
     max_adapter_bytes: int = Field(default=100 * MiB, ge=1)
     max_resolution: int = Field(default=1024, ge=16)
     max_active_jobs_per_tenant: int = Field(default=16, ge=1)

@@ -137,3 +137,11 @@ def test_tenant_trains_generates_downloads_and_other_tenants_see_nothing(
     assert owner.delete(f"/v1/adapters/{adapter_id}").status_code == 204
     assert owner.get(f"/v1/adapters/{adapter_id}").status_code == 404
     owner.close()
+
+    # Uploads, adapters (trained and imported) and outputs are the service's alone: no group or
+    # other permission anywhere in the data dir.
+    data_dir = Path(service_env["ATOMTUNE_DATA_DIR"])
+    written = [data_dir, *data_dir.rglob("*")]
+    assert len(written) > 10, written
+    shared = [f"{path} {path.stat().st_mode & 0o777:o}" for path in written if path.stat().st_mode & 0o077]
+    assert shared == [], shared

@@ -33,7 +33,7 @@ def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 def test_gateway_labels_routes_by_template_and_rejections_by_error_code() -> None:
     # Nothing answers on port 1: the queue depth must then be absent, not a false zero.
-    settings = Settings(redis_url="redis://127.0.0.1:1/0", max_request_bytes=10)
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", max_json_bytes=10)
     with TestClient(create_app(settings)) as client:
         _, before = scrape("/metrics", client)
         assert client.post("/v1/generations", content=b"{}" * 10).status_code == 413

@@ -292,6 +292,7 @@ def test_adapters_page_newest_first_and_jobs_are_bounded_per_tenant(
         created.append(response.json())
     refused = api.post("/v1/generations", json={"prompt": "p"})
     assert refused.status_code == 429 and "cancel" in error_of(refused)["message"]
+    assert refused.headers["retry-after"] == "5"
     for item in created:
         assert api.delete(f"/v1/jobs/{item['job_id']}").status_code == 202
 
@@ -362,6 +363,13 @@ def test_request_bodies_are_bounded(new_tenant: Callable[[str], Api], settings: 
 
     streamed = api.post("/v1/generations", content=chunks(), headers={"content-type": "application/json"})
     assert streamed.status_code == 413 and error_of(streamed)["code"] == "content_too_large"
+    # JSON is parsed whole in memory: its bound is far below the upload's, with or without a content type.
+    big_json = b'{"prompt": "' + b"x" * settings.max_json_bytes + b'"}'
+    assert settings.max_json_bytes < settings.max_request_bytes
+    for headers in ({"content-type": "application/json"}, {}):
+        refused = api.post("/v1/generations", content=big_json, headers=headers)
+        assert refused.status_code == 413, refused.text
+        assert f"over {settings.max_json_bytes} bytes; send a smaller JSON body" in error_of(refused)["message"]
 
 
 def test_event_streams_and_waits_are_bounded_per_tenant(
@@ -382,6 +390,7 @@ def test_event_streams_and_waits_are_bounded_per_tenant(
         assert all(response.status_code == 200 for response in opened)
         refused = api.get(f"/v1/jobs/{job_id}/events")
         assert refused.status_code == 429 and error_of(refused)["code"] == "too_many_streams"
+        assert refused.headers["retry-after"] == "1"
         assert f"you have {limit} event streams or waits open" in error_of(refused)["message"]
         waiting = api.post("/v1/generations", json={"prompt": "p"}, params={"wait": 1})
         assert waiting.status_code == 429 and "close one" in error_of(waiting)["message"]
