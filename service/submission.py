@@ -42,9 +42,33 @@ JOB_QUOTA_RETRY_SECONDS = 5
 """What a 429 of the job quota tells clients to wait: about a short generation's time."""
 
 
-def check_side(name: str, value: int | None, max_side: int) -> None:
+UNPUBLISHED_MAX_SIDE = 1024
+"""The largest side accepted before any worker has published the base (PixArt-Σ's own size)."""
+
+
+def native_side(services: Services) -> int:
+    """The side the served base was trained at, as its workers publish it."""
+    base = base_shape(services.db)
+    return base.sample_size if base is not None and base.sample_size else UNPUBLISHED_MAX_SIDE
+
+
+def check_side(name: str, value: int | None, services: Services) -> None:
+    max_side = services.settings.max_resolution or native_side(services)
     if value is not None and (value > max_side or value % SIDE_MULTIPLE):
         raise invalid(f"{name} must be a multiple of {SIDE_MULTIPLE} and at most {max_side}")
+
+
+def check_cost(request: GenerationRequest, services: Services) -> None:
+    """Bounds what one generation may hold a worker for: images x steps x pixels."""
+    native = native_side(services)
+    pixels = (request.width or native) * (request.height or native)
+    cost = request.num_images * request.steps * pixels / native**2
+    budget = services.settings.max_image_steps
+    if cost > budget:
+        raise invalid(
+            f"this generation costs {cost:g} image-steps at the base's {native} px (images x steps x pixels); "
+            f"the limit is {budget:g}: use fewer images or steps, or a smaller size"
+        )
 
 
 def _random_seed() -> int:
@@ -95,7 +119,7 @@ def submit_finetune(
     settings = services.settings
     if not 1 <= len(images) <= MAX_IMAGES:
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")
-    check_side("resolution", form.resolution, settings.max_resolution)
+    check_side("resolution", form.resolution, services)
     if form.captions is not None and len(form.captions) != len(images):
         raise invalid(f"send one caption per image: {len(form.captions)} captions for {len(images)} images")
     base = base_shape(services.db)
@@ -182,8 +206,9 @@ def _check_adapter(request: GenerationRequest, record: AdapterRecord, services: 
 
 def submit_generation(services: Services, tenant: Tenant, request: GenerationRequest) -> str:
     """Checks the request against its adapter and queues the generation; returns the job id."""
-    check_side("width", request.width, services.settings.max_resolution)
-    check_side("height", request.height, services.settings.max_resolution)
+    check_side("width", request.width, services)
+    check_side("height", request.height, services)
+    check_cost(request, services)
     atom_mask = None
     if request.adapter_id is None:
         for option in ("density", "atom_mask", "top_atoms"):

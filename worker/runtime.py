@@ -57,6 +57,7 @@ class Runtime:
             num_heads=self.host.num_heads,
             in_features=attention.to_q.in_features,
             out_features=attention.to_out[0].out_features,
+            sample_size=pipeline.transformer.config.sample_size * pipeline.vae_scale_factor,
         )
         log.info(
             "loaded base model %s on %s/%s in %.1f s (fingerprint %s)",

@@ -42,7 +42,14 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=110 * MiB, ge=1)
     max_json_bytes: int = Field(default=1 * MiB, ge=1, description="Largest JSON request body")
     max_adapter_bytes: int = Field(default=100 * MiB, ge=1)
-    max_resolution: int = Field(default=1024, ge=16)
+    max_resolution: int | None = Field(
+        default=None, ge=16, description="Largest image side; the served base's own when unset"
+    )
+    max_image_steps: float = Field(
+        default=400,
+        gt=0,
+        description="What one generation may cost: images x steps x pixels, in images at the base's own size",
+    )
     max_active_jobs_per_tenant: int = Field(default=16, ge=1)
     max_wait_seconds: float = Field(default=60.0, ge=0)
     max_streams_per_tenant: int = Field(default=8, ge=1)

@@ -40,10 +40,12 @@ class BaseShape:
     num_heads: int
     in_features: int
     out_features: int
+    sample_size: int | None = None
+    """The image side the base was trained at, in pixels; None from a worker that predates it."""
 
 
 def publish_base(db: redis.Redis, shape: BaseShape) -> None:
-    db.hset(BASE_MODEL_KEY, mapping=asdict(shape))
+    db.hset(BASE_MODEL_KEY, mapping={k: v for k, v in asdict(shape).items() if v is not None})
 
 
 def base_shape(db: redis.Redis) -> BaseShape | None:
@@ -57,4 +59,5 @@ def base_shape(db: redis.Redis) -> BaseShape | None:
         num_heads=int(data["num_heads"]),
         in_features=int(data["in_features"]),
         out_features=int(data["out_features"]),
+        sample_size=int(data["sample_size"]) if "sample_size" in data else None,
     )

@@ -107,6 +107,10 @@ def service_env(redis_url: str, base_model: str, tmp_path_factory: pytest.TempPa
         "ATOMTUNE_MAX_IMAGE_BYTES": "100000",
         "ATOMTUNE_MAX_IMAGE_PIXELS": str(256 * 256),
         "ATOMTUNE_MAX_ACTIVE_JOBS_PER_TENANT": "4",
+        # Sizes and costs beyond the tiny base's own, so that tests can hold a worker for a while
+        # (the defaults that follow the base have a test of their own).
+        "ATOMTUNE_MAX_RESOLUTION": "1024",
+        "ATOMTUNE_MAX_IMAGE_STEPS": "1000000",
         # Each process gets one thread: the machine's two cores are shared with the test process.
         "OMP_NUM_THREADS": "1",
     }

@@ -485,6 +485,32 @@ def test_imports_and_training_requests_are_checked_against_the_served_base(setti
         assert len(client.get("/v1/adapters").json()["items"]) == 1  # only the good import
 
 
+@pytest.mark.parametrize(
+    ("overrides", "body", "accepted", "says"),
+    [
+        ({}, {"width": 64, "height": 64, "num_images": 4, "steps": 100}, True, ""),
+        ({}, {"width": 128}, False, "width must be a multiple of 16 and at most 64"),
+        ({"max_resolution": 256}, {"width": 128, "height": 128, "steps": 100}, True, ""),
+        ({"max_resolution": 256}, {"width": 256, "height": 256, "num_images": 4, "steps": 100}, False,
+         "costs 6400 image-steps at the base's 64 px (images x steps x pixels); the limit is 400"),
+    ],
+)
+def test_sizes_and_costs_follow_the_served_base(
+    settings: Settings, overrides: dict, body: dict, accepted: bool, says: str
+) -> None:
+    # A database of its own, where a 64 px base is published; no worker takes its jobs.
+    isolated = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/5", **overrides})
+    db = connect(isolated.redis_url)
+    publish_base(db, BaseShape("pixart-64", num_blocks=2, num_heads=4, in_features=32, out_features=32, sample_size=64))
+    _, key = TenantStore(db).create(f"sizes-{new_id()}")
+    with TestClient(create_app(isolated), headers={"Authorization": f"Bearer {key}"}) as client:
+        response = client.post("/v1/generations", json={"prompt": "p", **body})
+    if accepted:
+        assert response.status_code == 202, response.text
+    else:
+        assert response.status_code == 422 and says in error_of(response)["message"], response.text
+
+
 def test_a_job_that_cannot_be_queued_fails_and_leaves_nothing_behind(
     settings: Settings, image_bytes: Callable[..., bytes]
 ) -> None:
