@@ -17,6 +17,7 @@ from service.core.queue import QUEUES
 from service.core.redis_db import connect
 from service.core.settings import get_settings
 from service.core.tenants import TenantStore
+from service.core.worker_registry import node_name
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -43,8 +44,10 @@ def _worker(args: argparse.Namespace) -> int:
     if unknown or not names:
         print(f"atomtune worker: --queues takes {', '.join(QUEUES)}; got {args.queues!r}", file=sys.stderr)
         return 2
+    # Unique per process, so several workers on one machine never share a name.
+    node = args.hostname or f"atomtune-{uuid.uuid4().hex[:8]}"
     if len(set(names)) > 1:
-        return _worker_per_queue(args, settings.worker_metrics_port)
+        return _worker_per_queue(args, node, settings.worker_metrics_port)
     from worker.app import app
 
     if names[0] == "generate":
@@ -60,23 +63,27 @@ def _worker(args: argparse.Namespace) -> int:
             *pool,
             "--loglevel",
             args.loglevel,
-            # Unique per process, so several workers on one machine never share a name.
             "--hostname",
-            args.hostname or f"atomtune-{names[0]}-{uuid.uuid4().hex[:8]}@%h",
+            node if args.hostname else node_name(node, names[0]),
         ]
     )
     return 0
 
 
-def _worker_per_queue(args: argparse.Namespace, metrics_port: int) -> int:
+def _worker_per_queue(args: argparse.Namespace, node: str, metrics_port: int) -> int:
     """Both queues: a worker per queue, so that a training never holds up generations; each holds
-    its own copy of the model. Signals are passed on to both; when one exits, the other is stopped."""
+    its own copy of the model, and is named ``node_name(node, queue)``. Signals are passed on to
+    both; when one exits, the other gets a cold shutdown (its running jobs go back to the queue)."""
     command = [sys.executable, "-m", "service.cli", "worker", "--loglevel", args.loglevel]
+    names = {queue: ["--hostname", node_name(node, queue)] for queue in QUEUES}
     # The generation worker serves its metrics on the port; the fine-tuning one's pool processes after it.
     finetune_env = {**os.environ, "ATOMTUNE_WORKER_METRICS_PORT": str(metrics_port + 1 if metrics_port else 0)}
     children = [
-        subprocess.Popen([*command, "--queues", "generate"]),
-        subprocess.Popen([*command, "--queues", "finetune", "--concurrency", str(args.concurrency)], env=finetune_env),
+        subprocess.Popen([*command, "--queues", "generate", *names["generate"]]),
+        subprocess.Popen(
+            [*command, "--queues", "finetune", "--concurrency", str(args.concurrency), *names["finetune"]],
+            env=finetune_env,
+        ),
     ]
 
     def forward(signum: int, _: FrameType | None) -> None:
@@ -88,7 +95,7 @@ def _worker_per_queue(args: argparse.Namespace, metrics_port: int) -> int:
         signal.signal(signum, forward)
     while all(child.poll() is None for child in children):
         time.sleep(0.5)
-    forward(signal.SIGTERM, None)
+    forward(signal.SIGQUIT, None)
     codes = [child.wait() for child in children]
     return next((code for code in codes if code), 0)
 
@@ -151,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="fine-tuning pool processes, each with its own copy of the model (generations: ATOMTUNE_MAX_BATCH)",
     )
-    worker.add_argument("--hostname", help="Celery node name (default: unique per process)")
+    worker.add_argument(
+        "--hostname",
+        help="Celery node name; with both queues, each worker's is this with its queue added (default: unique)",
+    )
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=_worker)
 

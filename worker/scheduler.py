@@ -33,6 +33,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
+from redis.exceptions import RedisError
 
 from adapters import SampleRoute, SparseDictionaryAdapter, guided_routes
 from service.core.contract import AtomMaskSpec, CacheTier, GenerateParams, JobError
@@ -404,7 +405,14 @@ class GenerationScheduler:
             (r.ticket.job_id, r.ticket.tenant_id, r.ticket.attempt, r.index, r.params.steps) for r in group
         ]
         now = time.monotonic()
-        for request, reply in zip(group, self.jobs.progress_many(updates), strict=True):
+        try:
+            replies = self.jobs.progress_many(updates)
+        except RedisError:
+            # Progress is advisory and the next step reports again: a Redis restart must not fail
+            # the generations (their end is recorded, or their message put back, by the task).
+            log.warning("reporting progress failed; the batch goes on", exc_info=True)
+            return
+        for request, reply in zip(group, replies, strict=True):
             if reply == "stale":
                 request.stop = Superseded()
             elif request.done:

@@ -68,7 +68,12 @@ class Reporter:
         waits for its place in the batch)."""
 
     def progress(self, step: int, total: int, loss: float | None = None) -> None:
-        reply = self.jobs.progress(self.job_id, self.attempt, step, total, loss)
+        try:
+            reply = self.jobs.progress(self.job_id, self.attempt, step, total, loss)
+        except RedisError:
+            # Advisory, and reported again at the next step: a Redis restart must not fail the job.
+            log.warning("job %s: reporting progress failed; it goes on", self.job_id, exc_info=True)
+            return
         if reply == "stale":
             raise Superseded
         self.cancel = reply == "1"
@@ -117,6 +122,9 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body, worker: str = "", deliv
         code, message = exc.code, exc.message
     except (AdapterConfigError, AdapterFormatError, RoutingError) as exc:
         code, message = "invalid_job", str(exc)
+    except RedisError as exc:
+        # Not the job's fault: its redelivery runs it again (a further attempt).
+        raise Reject(f"job {job_id} lost Redis while running: {exc}", requeue=True) from exc
     except Exception:
         log.exception("job %s failed", job_id)
         code, message = "internal", "the worker failed while running the job; its log has the details"

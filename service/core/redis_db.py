@@ -2,16 +2,31 @@
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 PREFIX = "atomtune"
+# A call that finds Redis gone retries for about 7 s (0.1, 0.2, 0.4, 0.8, then 1 s apart), which
+# rides through a restart, before it fails (the gateway answers 503).
+RESTART_RETRIES = 10
+RESTART_BACKOFF_CAP_SECONDS = 1.0
+RESTART_BACKOFF_BASE_SECONDS = 0.1
 
 
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+def _backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=RESTART_BACKOFF_CAP_SECONDS, base=RESTART_BACKOFF_BASE_SECONDS)
+
+
+def connect(url: str, retry: bool = True) -> redis.Redis:
+    """``retry=False`` for a quick yes or no (is anything listening?)."""
+    retries = Retry(_backoff(), RESTART_RETRIES if retry else 0)
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=retries)
 
 
 def connect_async(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    retries = AsyncRetry(_backoff(), RESTART_RETRIES)
+    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=retries)
 
 
 # Event streams and waits each hold a connection in XREAD for seconds at a time, so they draw from
@@ -34,6 +49,7 @@ def connect_streams(url: str, longest_block_seconds: float) -> aioredis.Redis:
         socket_timeout=longest_block_seconds + STREAM_READ_MARGIN_SECONDS,
         decode_responses=True,
         health_check_interval=30,
+        retry=AsyncRetry(_backoff(), RESTART_RETRIES),
     )
     return aioredis.Redis.from_pool(pool)
 

@@ -1,6 +1,7 @@
 """What the workers publish: which are alive (each refreshes its score, a timestamp, in one sorted
 set) and the shape of the base model they serve, which the gateway checks requests against."""
 
+import socket
 import time
 from dataclasses import asdict, dataclass
 
@@ -10,6 +11,13 @@ from service.core.redis_db import BASE_MODEL_KEY, WORKERS_KEY
 
 # A worker is alive while its last heartbeat is younger than this many heartbeat periods.
 _MISSED_BEATS = 3
+
+
+def node_name(base: str, queue: str) -> str:
+    """The Celery node name of the ``queue``'s worker in a group named ``base`` (``name@host``), so
+    whoever started the group knows whose heartbeat to retire when it dies."""
+    local, _, host = base.partition("@")
+    return f"{local}-{queue}@{host or socket.gethostname()}"
 
 
 def beat(db: redis.Redis, name: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from service.core.redis_db import connect
 from service.core.worker_registry import base_shape
-from service.up import BUNDLED_DEMO_MODEL
+from service.up import BUNDLED_DEMO_MODEL, MAX_RESTARTS, Supervised
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,9 @@ def test_up_starts_redis_gateway_and_worker_and_stops_them_on_ctrl_c(tmp_path: P
         listed = httpx.get(f"{url}/v1/adapters", headers={"Authorization": f"Bearer {key}"})
         assert listed.status_code == 200 and listed.json()["items"] == []
         # Without ATOMTUNE_BASE_MODEL, `up` serves the bundled demo model.
-        db = connect(f"redis://127.0.0.1:{redis_port}/0")
+        # The Redis that up starts takes a password, generated once and kept in the data dir.
+        password = (tmp_path / "data" / "redis" / "password").read_text().strip()
+        db = connect(f"redis://:{password}@127.0.0.1:{redis_port}/0")
         while (shape := base_shape(db)) is None:
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.2)
@@ -115,3 +117,16 @@ def test_up_starts_redis_gateway_and_worker_and_stops_them_on_ctrl_c(tmp_path: P
         httpx.get(f"{url}/healthz", timeout=2)
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", redis_port)) != 0, "the Redis that up started still runs"
+
+
+def test_up_restarts_a_dead_child_but_gives_up_on_a_crash_loop() -> None:
+    crash = [sys.executable, "-c", "raise SystemExit(3)"]
+    child = Supervised("crasher", lambda: crash, dict(os.environ), signal.SIGTERM)
+    started = {child.process.pid}
+    with pytest.raises(SystemExit, match=f"died {MAX_RESTARTS + 1} times"):
+        while True:
+            child.process.wait(30)
+            assert child.died()
+            child.restart()
+            started.add(child.process.pid)
+    assert len(started) == MAX_RESTARTS + 1
