@@ -23,6 +23,8 @@ from service.core.worker_registry import node_name
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.http_protocol import with_header_timeout
+
     settings = get_settings()
     uvicorn.run(
         "service.app:create_app",
@@ -30,6 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host or settings.host,
         port=args.port or settings.port,
         log_level=args.loglevel,
+        http=with_header_timeout(settings.header_timeout_seconds),
+        timeout_keep_alive=settings.keep_alive_seconds,
     )
     return 0
 

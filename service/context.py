@@ -13,6 +13,7 @@ from service.core.redis_db import connect, connect_async, connect_streams
 from service.core.settings import Settings
 from service.core.storage import Storage
 from service.core.tenants import TenantStore
+from service.rate_limits import RateLimits
 from service.stream_slots import StreamSlots
 
 
@@ -29,6 +30,7 @@ class Services:
     catalog: AdapterCatalog
     storage: Storage
     celery: Celery
+    rate_limits: RateLimits
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
@@ -47,6 +49,7 @@ class Services:
             catalog=AdapterCatalog(db),
             storage=Storage(settings.data_dir),
             celery=make_celery(settings),
+            rate_limits=RateLimits(settings),
         )
 
     async def close(self) -> None:

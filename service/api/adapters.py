@@ -4,7 +4,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import AdapterDep, ServicesDep, TenantDep
+from service.api.deps import AdapterDep, ServicesDep, SubmissionRateDep, TenantDep
 from service.api.schemas import (
     AdapterCreated,
     AdapterOut,
@@ -37,7 +37,7 @@ def _render(record: AdapterRecord, services: Services) -> AdapterOut:
     return AdapterOut.of(record, services.jobs.get(record.job_id) if record.job_id else None)
 
 
-@router.post("", status_code=202, response_model=AdapterCreated, responses=ERRORS)
+@router.post("", status_code=202, response_model=AdapterCreated, responses=ERRORS, dependencies=[SubmissionRateDep])
 def create_adapter(
     tenant: TenantDep,
     services: ServicesDep,
@@ -117,7 +117,7 @@ def download_adapter(record: AdapterDep, services: ServicesDep) -> FileResponse:
     )
 
 
-@router.post("/import", status_code=201, response_model=AdapterOut, responses=ERRORS)
+@router.post("/import", status_code=201, response_model=AdapterOut, responses=ERRORS, dependencies=[SubmissionRateDep])
 def import_adapter(
     tenant: TenantDep,
     services: ServicesDep,

@@ -25,13 +25,23 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def current_tenant(
-    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request,
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
+    """The caller's tenant; every authenticated request counts against its rate, and every failed
+    authentication against its address's."""
+    # Behind a proxy, uvicorn takes the client from X-Forwarded-For of trusted proxies (FORWARDED_ALLOW_IPS).
+    address = request.client.host if request.client else "unknown"
+    services.rate_limits.check_address(address)
     if credentials is None:
+        services.rate_limits.count_auth_failure(address)
         raise ApiError(401, "unauthenticated", "send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE)
     tenant = services.tenants.authenticate(credentials.credentials)
     if tenant is None:
+        services.rate_limits.count_auth_failure(address)
         raise ApiError(401, "unauthenticated", "the API key is unknown or revoked", headers=_CHALLENGE)
+    services.rate_limits.count_request(tenant.id)
     return tenant
 
 
@@ -52,6 +62,12 @@ def owned_adapter(adapter_id: str, tenant: TenantDep, services: ServicesDep) -> 
     return record
 
 
+def submission_rate(tenant: TenantDep, services: ServicesDep) -> None:
+    """Counts a job submission (or an import) against the tenant's rate of them."""
+    services.rate_limits.count_submission(tenant.id)
+
+
+SubmissionRateDep = Depends(submission_rate)
 JobDep = Annotated[Job, Depends(owned_job)]
 AdapterDep = Annotated[AdapterRecord, Depends(owned_adapter)]
 

@@ -4,13 +4,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import ServicesDep, TenantDep
+from service.api.deps import ServicesDep, SubmissionRateDep, TenantDep
 from service.api.schemas import ErrorResponse, GenerationAccepted, GenerationRequest, JobOut
 from service.errors import invalid
 from service.submission import submit_generation
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 429)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 429, 503)}
 
 
 @router.post(
@@ -18,6 +18,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 429)}
     status_code=202,
     response_model=GenerationAccepted,
     responses={**ERRORS, 200: {"model": GenerationAccepted, "description": "Finished within `wait`"}},
+    dependencies=[SubmissionRateDep],
 )
 async def create_generation(
     request: GenerationRequest,

@@ -12,7 +12,7 @@ from service.core.contract import GenerateResult, parse_result
 from service.errors import ApiError, not_found
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 429)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 429, 503)}
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 
 

@@ -4,7 +4,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+import limits
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -50,9 +51,28 @@ class Settings(BaseSettings):
         gt=0,
         description="What one generation may cost: images x steps x pixels, in images at the base's own size",
     )
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="Time a connection has to send a request's head (headers)"
+    )
+    keep_alive_seconds: int = Field(default=5, ge=1, description="An idle connection is closed after this long")
     max_active_jobs_per_tenant: int = Field(default=16, ge=1)
     max_wait_seconds: float = Field(default=60.0, ge=0)
     max_streams_per_tenant: int = Field(default=8, ge=1)
+
+    rate_limit_requests: str = Field(
+        default="1200/minute", description="Requests per tenant, in `limits` notation (count/period)"
+    )
+    rate_limit_submissions: str = Field(default="120/minute", description="Job submissions per tenant")
+    rate_limit_auth_failures: str = Field(default="30/minute", description="Failed authentications per client address")
+
+    @field_validator("rate_limit_requests", "rate_limit_submissions", "rate_limit_auth_failures")
+    @classmethod
+    def _parses_as_a_rate(cls, value: str) -> str:
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate; write it like '120/minute' or '10 per 5 seconds'") from None
+        return value
 
     max_batch: int = Field(
         default=64,

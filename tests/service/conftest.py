@@ -111,6 +111,10 @@ def service_env(redis_url: str, base_model: str, tmp_path_factory: pytest.TempPa
         # (the defaults that follow the base have a test of their own).
         "ATOMTUNE_MAX_RESOLUTION": "1024",
         "ATOMTUNE_MAX_IMAGE_STEPS": "1000000",
+        # Tests make requests faster than any client should (the limits have a test of their own).
+        "ATOMTUNE_RATE_LIMIT_REQUESTS": "100000/minute",
+        "ATOMTUNE_RATE_LIMIT_SUBMISSIONS": "100000/minute",
+        "ATOMTUNE_RATE_LIMIT_AUTH_FAILURES": "100000/minute",
         # Each process gets one thread: the machine's two cores are shared with the test process.
         "OMP_NUM_THREADS": "1",
     }
