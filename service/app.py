@@ -19,6 +19,7 @@ from service.errors import error_body, install_error_handlers
 from service.metrics import install_metrics
 
 log = logging.getLogger(__name__)
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 DESCRIPTION = """Fine-tune sparse dictionary adapters on a shared frozen PixArt-Σ and generate with them.
 
@@ -49,8 +50,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Redis calls retry through a restart first (redis_db.connect): this is an outage to wait out.
         log.warning("Redis or the broker failed a request: %r", exc)
-        return JSONResponse(error_body("unavailable", "the job queue (Redis) is unavailable; retry later"), 503)
+        body = error_body("unavailable", "the job queue (Redis) is unavailable; retry in a few seconds")
+        return JSONResponse(body, 503, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)})
 
     for error in (RedisConnectionError, RedisTimeoutError, OperationalError):
         app.add_exception_handler(error, unavailable)

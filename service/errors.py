@@ -6,13 +6,10 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 log = logging.getLogger(__name__)
-STORE_RETRY_AFTER_SECONDS = 5
 
 
 class ApiError(Exception):
@@ -83,12 +80,6 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return JSONResponse(error_body("invalid_request", _format_validation(exc)), status_code=422)
 
-    async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-        # Calls already retried through a restart: Redis is down, which a client can wait out.
-        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
-        body = error_body("unavailable", "the job store is unavailable; retry in a few seconds")
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(STORE_RETRY_AFTER_SECONDS)})
-
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(error_body("internal", "internal error; retry later"), status_code=500)
@@ -96,6 +87,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(RedisConnectionError, store_unavailable)
-    app.add_exception_handler(RedisTimeoutError, store_unavailable)
     app.add_exception_handler(Exception, unexpected)

@@ -23,7 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core import worker_registry
 from service.core.queue import QUEUES
+from service.core.retention import removed_counts
 
 if TYPE_CHECKING:
     from service.context import Services
@@ -145,6 +146,11 @@ class RedisCollector(Collector):
             "atomtune_queue_depth", "Messages waiting in a job queue (not yet taken by a worker).", labels=["queue"]
         )
         workers = GaugeMetricFamily("atomtune_workers_alive", "Workers whose heartbeat is recent.")
+        removed = CounterMetricFamily(
+            "atomtune_retention_removed",
+            "What the workers' retention sweeps removed: ended jobs' records, generations' images, training uploads.",
+            labels=["kind"],
+        )
         services = self.services()
         if services is not None:
             try:
@@ -154,6 +160,7 @@ class RedisCollector(Collector):
                         pipe.llen(queue)
                     sizes = pipe.execute()
                 alive = worker_registry.alive(services.db, services.settings.worker_heartbeat_seconds)
+                removed_so_far = removed_counts(services.db)
             except RedisError:
                 # An unreachable Redis leaves the series absent rather than reporting a false zero.
                 pass
@@ -161,8 +168,11 @@ class RedisCollector(Collector):
                 for name, size in zip(QUEUES, sizes, strict=True):
                     depth.add_metric([name], size)
                 workers.add_metric([], len(alive))
+                for kind, count in removed_so_far.items():
+                    removed.add_metric([kind], count)
         yield depth
         yield workers
+        yield removed
 
 
 def install_metrics(app: FastAPI) -> None:

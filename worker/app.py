@@ -2,8 +2,9 @@
 
 It registers the task bodies of ``worker.tasks`` under the queue contract's names, and wires in
 through signals what Celery does not do by itself: a heartbeat the gateway's ``/readyz`` reads,
-and with it the recovery of jobs whose worker died; in each process that runs jobs (a prefork
-pool process, or the worker itself with the thread pool of a generation worker), the metrics
+and with it the recovery of jobs whose worker died and the retention sweep
+(``service.core.retention``); in each process that runs jobs (a prefork pool process, or the
+worker itself with the thread pool of a generation worker), the metrics
 server, loading the base model as soon as it starts, and listening for deleted adapters; and
 recording a hard time limit in the job (the process that ran it is gone, so only the parent can).
 
@@ -36,7 +37,9 @@ from service.core import worker_registry
 from service.core.jobs import JobStore
 from service.core.queue import TASKS, enqueue, make_celery
 from service.core.redis_db import connect
+from service.core.retention import sweep_if_due
 from service.core.settings import get_settings
+from service.core.storage import Storage
 from worker import tasks
 from worker.context import context
 from worker.eviction import listen_for_deletions
@@ -55,10 +58,14 @@ _stop_listening = threading.Event()
 def _heartbeat(name: str) -> None:
     db = connect(settings.redis_url)
     jobs = JobStore(db)
+    storage = Storage(settings.data_dir)
     while True:
         try:
             worker_registry.beat(db, name)
             recover_orphans(jobs, name)
+            swept = sweep_if_due(db, storage, settings, name)
+            if swept is not None and any(vars(swept).values()):
+                log.info("retention removed %s", swept)
         except Exception:
             log.warning("heartbeat to Redis failed; retrying", exc_info=True)
         if _stop_heartbeat.wait(settings.worker_heartbeat_seconds):

@@ -29,14 +29,14 @@ def current_tenant(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    """The caller's tenant; every authenticated request counts against its rate, and every failed
-    authentication against its address's."""
+    """The caller's tenant; every authenticated request counts against its rate, and every key that
+    fails against its address's."""
     # Behind a proxy, uvicorn takes the client from X-Forwarded-For of trusted proxies (FORWARDED_ALLOW_IPS).
     address = request.client.host if request.client else "unknown"
-    services.rate_limits.check_address(address)
     if credentials is None:
-        services.rate_limits.count_auth_failure(address)
+        # Guesses nothing, so it costs nothing to refuse and counts against no one.
         raise ApiError(401, "unauthenticated", "send your API key as 'Authorization: Bearer <key>'", headers=_CHALLENGE)
+    services.rate_limits.check_address(address)
     tenant = services.tenants.authenticate(credentials.credentials)
     if tenant is None:
         services.rate_limits.count_auth_failure(address)

@@ -56,11 +56,15 @@ async def job_events(job: JobDep, services: ServicesDep, _slot: StreamSlotDep) -
 @router.get(
     "/{job_id}/images/{index}",
     response_class=FileResponse,
-    responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+    responses={**ERRORS, 410: {"model": ErrorResponse}, 200: {"content": {"image/png": {}}}},
 )
 def get_image(job: JobDep, services: ServicesDep, index: Annotated[int, Path(ge=0)]) -> FileResponse:
     """One generated PNG (only the job's owner sees it)."""
     result = parse_result(job.kind, job.result) if job.result is not None else None
     if not isinstance(result, GenerateResult) or job.status != "succeeded" or index >= result.image_count:
         raise not_found("image", f"{job.id}/images/{index}")
-    return FileResponse(services.storage.output_image(job.tenant_id, job.id, index), media_type="image/png")
+    image = services.storage.output_image(job.tenant_id, job.id, index)
+    if not image.exists():
+        hours = services.settings.output_retention_seconds / 3600
+        raise ApiError(410, "expired", f"the images of job '{job.id}' were removed {hours:g} h after it ended")
+    return FileResponse(image, media_type="image/png")

@@ -16,7 +16,16 @@ import redis
 import redis.asyncio as aioredis
 
 from service.core.contract import JobKind, JobParams, JobResult
-from service.core.redis_db import CLAIMED_JOBS_KEY, WORKERS_KEY, job_events_key, job_key, tenant_active_jobs_key
+from service.core.redis_db import (
+    CLAIMED_JOBS_KEY,
+    ENDED_JOBS_KEY,
+    ENDED_OUTPUTS_KEY,
+    ENDED_UPLOADS_KEY,
+    WORKERS_KEY,
+    job_events_key,
+    job_key,
+    tenant_active_jobs_key,
+)
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -90,7 +99,7 @@ def parse_job(job_id: str, data: dict[str, str]) -> Job:
 
 
 # KEYS: job hash, events stream, tenant's active-job set, the claimed-jobs set. ARGV[1] = now,
-# ARGV[2] = job id.
+# ARGV[2] = job id. (The retention sets are named inline: one Redis, never a cluster.)
 _TERMINATE = f"""
 local function terminate(status, code, message)
   redis.call('HSET', KEYS[1], 'status', status, 'finished_at', ARGV[1])
@@ -101,6 +110,15 @@ local function terminate(status, code, message)
   redis.call('SREM', KEYS[4], ARGV[2])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', status)
   redis.call('EXPIRE', KEYS[2], {FINISHED_EVENTS_TTL_SECONDS})
+  -- What retention removes later: the record, and the files the job leaves.
+  redis.call('ZADD', '{ENDED_JOBS_KEY}', ARGV[1], ARGV[2])
+  local kind = redis.call('HGET', KEYS[1], 'kind')
+  local tenant = redis.call('HGET', KEYS[1], 'tenant_id')
+  if kind == 'generate' then
+    redis.call('ZADD', '{ENDED_OUTPUTS_KEY}', ARGV[1], tenant .. '/' .. ARGV[2])
+  elseif kind == 'finetune' then
+    redis.call('ZADD', '{ENDED_UPLOADS_KEY}', ARGV[1], tenant .. '/' .. redis.call('HGET', KEYS[1], 'adapter_id'))
+  end
 end
 """
 

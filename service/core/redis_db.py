@@ -7,10 +7,10 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 PREFIX = "atomtune"
-# A call that finds Redis gone retries for about 7 s (0.1, 0.2, 0.4, 0.8, then 1 s apart), which
-# rides through a restart, before it fails (the gateway answers 503).
-RESTART_RETRIES = 10
-RESTART_BACKOFF_CAP_SECONDS = 1.0
+# A call that finds Redis gone retries for about 3 s (0.1, 0.2, 0.4, then 0.5 s apart), which rides
+# through a restart, before it fails (the gateway answers 503).
+RESTART_RETRIES = 8
+RESTART_BACKOFF_CAP_SECONDS = 0.5
 RESTART_BACKOFF_BASE_SECONDS = 0.1
 
 
@@ -98,3 +98,11 @@ WORKERS_KEY = f"{PREFIX}:workers"
 # worker scans for jobs whose claiming worker's heartbeat has stopped.
 CLAIMED_JOBS_KEY = f"{PREFIX}:claimed_jobs"
 BASE_MODEL_KEY = f"{PREFIX}:base_model"
+# Retention: what ended when (sorted sets scored by the end time), for the sweep to remove when due:
+# job ids, "<tenant>/<job>" of generations' images, "<tenant>/<adapter>" of fine-tunes' uploads.
+ENDED_JOBS_KEY = f"{PREFIX}:retention:jobs"
+ENDED_OUTPUTS_KEY = f"{PREFIX}:retention:outputs"
+ENDED_UPLOADS_KEY = f"{PREFIX}:retention:uploads"
+RETENTION_REMOVED_KEY = f"{PREFIX}:retention:removed"
+"""Counts of what the sweeps removed, by kind (a hash), for the gateway's metrics."""
+RETENTION_LOCK_KEY = f"{PREFIX}:retention:lock"

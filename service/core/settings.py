@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import limits
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -85,9 +85,26 @@ class Settings(BaseSettings):
         description="Rows times latent tokens in one denoising step: the activation-memory bound of a batch.",
     )
 
+    job_retention_seconds: int = Field(
+        default=7 * 24 * 3600, ge=1, description="How long an ended job's record stays (then GET answers 404)"
+    )
+    output_retention_seconds: int = Field(
+        default=24 * 3600, ge=1, description="How long a generation's images stay after it ended"
+    )
+    upload_retention_seconds: int = Field(
+        default=3600, ge=1, description="How long a fine-tune's training images stay after it ended"
+    )
+    retention_sweep_seconds: float = Field(default=300.0, gt=0, description="How often a worker sweeps")
+
     job_time_limit_seconds: int = Field(default=3600, ge=10)
     max_job_attempts: int = Field(default=3, ge=1)
     worker_heartbeat_seconds: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _images_go_with_their_job(self) -> "Settings":
+        if self.output_retention_seconds > self.job_retention_seconds:
+            raise ValueError("output_retention_seconds must be at most job_retention_seconds: images are served by job")
+        return self
 
     @property
     def job_soft_time_limit_seconds(self) -> int:

@@ -55,8 +55,11 @@ class Storage:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: Path) -> bool:
+        """Removes a folder; whether there was one."""
+        existed = path.exists()
         shutil.rmtree(path, ignore_errors=True)
+        return existed
 
     def remove_adapter(self, tenant_id: str, adapter_id: str) -> None:
         self.remove(self.adapter_dir(tenant_id, adapter_id))

@@ -40,17 +40,21 @@ def test_gateway_labels_routes_by_template_and_rejections_by_error_code() -> Non
         assert client.put("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 405
         assert client.get("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV").status_code == 401
         assert client.get("/no/such/route").status_code == 404
+        # A key to check, and no Redis to check it in (after retrying through what could be a restart).
+        down = client.get("/v1/adapters", headers={"Authorization": "Bearer atk_x_y"})
+        assert down.status_code == 503 and down.headers["Retry-After"] == "5", down.text
         names, after = scrape("/metrics", client)
     four = {"status_class": "4xx"}
     # Refused by the body limit before routing, yet labelled with its route.
     assert moved(before, after, "atomtune_http_requests_total", method="POST", route="/v1/generations", **four) == 1
     assert moved(before, after, "atomtune_http_requests_total", method="PUT", route="/v1/jobs/{job_id}", **four) == 1
     assert moved(before, after, "atomtune_http_requests_total", method="GET", route="unmatched", **four) == 1
-    for reason in ("content_too_large", "method_not_allowed", "unauthenticated", "not_found"):
+    for reason in ("content_too_large", "method_not_allowed", "unauthenticated", "not_found", "unavailable"):
         assert moved(before, after, "atomtune_requests_rejected_total", reason=reason) == 1, reason
     assert moved(before, after, "atomtune_auth_failures_total") == 1
     assert "atomtune_queue_depth" in names
-    assert not [key for key in after if key[0] in ("atomtune_queue_depth", "atomtune_workers_alive")]
+    unread = ("atomtune_queue_depth", "atomtune_workers_alive", "atomtune_retention_removed_total")
+    assert not [key for key in after if key[0] in unread]
 
 
 @pytest.mark.usefixtures("worker")
