@@ -10,6 +10,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 log = logging.getLogger(__name__)
+# What FastAPI and Starlette say of a body they cannot parse (bytes that are no JSON, a broken multipart).
+_UNPARSEABLE_BODY = frozenset({"There was an error parsing the body", "Invalid multipart data."})
 
 
 class ApiError(Exception):
@@ -70,6 +72,10 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = exc.headers
         if exc.status_code == 404:
             message = "no such route; see /docs for the API"
+        elif exc.status_code == 400 and message in _UNPARSEABLE_BODY:
+            code = "malformed_body"
+            content_type = request.headers.get("content-type", "none")
+            message = f"the body is not valid {content_type.split(';')[0]}; see /docs for what this route takes"
         elif exc.status_code == 405:
             allowed = _allowed_methods(request)
             headers = {**(headers or {}), "Allow": allowed}

@@ -23,7 +23,7 @@ from service.errors import ApiError, invalid
 from service.submission import read_upload, submit_finetune
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 415, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
 
 
 def _require_ready(record: AdapterRecord, services: Services) -> None:

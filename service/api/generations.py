@@ -10,7 +10,7 @@ from service.errors import invalid
 from service.submission import submit_generation
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422, 429, 503)}
 
 
 @router.post(

@@ -351,6 +351,23 @@ def test_import_zips_are_checked_before_unpacking(new_tenant: Callable[[str], Ap
     assert says in error_of(response)["message"]
 
 
+def test_unparseable_bodies_answer_400_saying_what_they_are_not(new_tenant: Callable[[str], Api]) -> None:
+    api = new_tenant("garbled")
+    not_json = api.post("/v1/generations", content=b"\x17\xff\x1a\xfe", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400, not_json.text
+    assert error_of(not_json) == {
+        "code": "malformed_body",
+        "message": "the body is not valid application/json; see /docs for what this route takes",
+    }
+    broken = api.post(
+        "/v1/adapters/import",
+        content=b"--b\r\n\x00\r\n\r\n",
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert broken.status_code == 400 and error_of(broken)["code"] == "malformed_body", broken.text
+    assert "not valid multipart/form-data" in error_of(broken)["message"]
+
+
 def test_request_bodies_are_bounded(new_tenant: Callable[[str], Api], settings: Settings) -> None:
     api = new_tenant("body")
     huge = b"x" * (settings.max_request_bytes + 1)
@@ -491,8 +508,12 @@ def test_imports_and_training_requests_are_checked_against_the_served_base(setti
         ({}, {"width": 64, "height": 64, "num_images": 4, "steps": 100}, True, ""),
         ({}, {"width": 128}, False, "width must be a multiple of 16 and at most 64"),
         ({"max_resolution": 256}, {"width": 128, "height": 128, "steps": 100}, True, ""),
-        ({"max_resolution": 256}, {"width": 256, "height": 256, "num_images": 4, "steps": 100}, False,
-         "costs 6400 image-steps at the base's 64 px (images x steps x pixels); the limit is 400"),
+        (
+            {"max_resolution": 256},
+            {"width": 256, "height": 256, "num_images": 4, "steps": 100},
+            False,
+            "costs 6400 image-steps at the base's 64 px (images x steps x pixels); the limit is 400",
+        ),
     ],
 )
 def test_sizes_and_costs_follow_the_served_base(
