@@ -2,6 +2,7 @@
 
 from adapters.persistence import AdapterFormatError, load_adapter, load_adapter_for_base, save_adapter
 from adapters.sparse_dictionary import (
+    MAX_COMPOSED,
     AdapterConfigError,
     AdapterHost,
     GuidanceBranch,
@@ -24,6 +25,7 @@ from adapters.training import (
 
 __all__ = [
     "BASELINE_METHODS",
+    "MAX_COMPOSED",
     "TINY_MAX_SEQUENCE_LENGTH",
     "AdapterConfigError",
     "AdapterFormatError",

@@ -2,10 +2,10 @@
 
 Runs the full-size PixArt-Σ transformer (its real config, random weights) for one denoising
 forward pass: the base, with an adapter (M=256, p=0.04), with PEFT LoRA r=16 on q, k, v, out
-(unmerged), and a batch of 4 samples served by 4 different adapters against a batch of 4 served
-by one. Every variant runs in the same process, interleaved round by round, and the report
-gives medians, and ratios to the base (each the median of per-round ratios) next to the
-adapter's FLOP floor (``flop_floor_ratio``).
+(unmerged), a batch of 4 samples served by 4 different adapters against a batch of 4 served
+by one, and one sample composing 2 and 4 adapters. Every variant runs in the same process,
+interleaved round by round, and the report gives medians, and ratios to the base (each the
+median of per-round ratios) next to the adapter's FLOP floor (``flop_floor_ratio``).
 
     python benchmarks/adapter_overhead.py --quick               # CPU, 4 blocks, < 2 minutes
     python benchmarks/adapter_overhead.py                       # CPU, all 28 blocks, 256 px
@@ -115,6 +115,13 @@ def ratio(numerator: str, denominator: str, samples: dict[str, list[float]]) -> 
     return statistics.median(top / bottom for top, bottom in pairs)
 
 
+def overhead_ratio(variant: str, reference: str, samples: dict[str, list[float]]) -> float:
+    """Median over rounds of (variant − base) / (reference − base): how many times the
+    reference's added time the variant adds."""
+    rounds = zip(samples[variant], samples[reference], samples["base"], strict=True)
+    return statistics.median((top - base) / (bottom - base) for top, bottom, base in rounds)
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
@@ -151,6 +158,8 @@ def main() -> None:
     batch4 = make_inputs(4, resolution, device, dtype)
     one_adapter = [SampleRoute("a0")]
     four_adapters = [SampleRoute(f"a{i}") for i in range(4)]
+    composed_two = [SampleRoute.compose([SampleRoute("a0"), SampleRoute("a1", scale=0.5)])]
+    composed_four = [SampleRoute.compose([SampleRoute(f"a{i}", scale=0.5) for i in range(4)])]
 
     def run(model: torch.nn.Module, inputs: dict, routes: list[SampleRoute] | None = None) -> Callable[[], object]:
         def step() -> object:
@@ -168,6 +177,8 @@ def main() -> None:
         "lora": run(lora_model, single),
         "homogeneous_batch4": run(transformer, batch4, one_adapter * 4),
         "heterogeneous_batch4": run(transformer, batch4, four_adapters),
+        "composed2": run(transformer, single, composed_two),
+        "composed4": run(transformer, single, composed_four),
     }
     for step in variants.values():  # warm-up: allocator, kernels, lazy inits
         step()
@@ -206,6 +217,13 @@ def main() -> None:
         # Issue #13: at most 1.5 times the floor's overhead (issue #2 asked 1.25 at 256 px).
         "adapter_ratio_bar": 1 + 1.5 * flop_floor_ratio(tokens),
         "hetero_batch_ratio": ratio("homogeneous_batch4", "heterogeneous_batch4", times),
+        "composed2_s": median["composed2"],
+        "composed4_s": median["composed4"],
+        "composed2_ratio": ratio("composed2", "base", times),
+        "composed4_ratio": ratio("composed4", "base", times),
+        # Issue #16: two composed adapters add at most 2.2 times one adapter's overhead.
+        "composed2_overhead_vs_one": overhead_ratio("composed2", "adapter", times),
+        "composed4_overhead_vs_one": overhead_ratio("composed4", "adapter", times),
         "cpu_adapter_ratio": ratio("adapter", "base", cpu_times),
         "cpu_lora_ratio": ratio("lora", "base", cpu_times),
         "cpu_hetero_batch_ratio": ratio("homogeneous_batch4", "heterogeneous_batch4", cpu_times),
@@ -214,6 +232,7 @@ def main() -> None:
     }
     result["adapter_bar_met"] = result["adapter_ratio"] <= result["adapter_ratio_bar"]
     result["hetero_bar_met"] = result["hetero_batch_ratio"] >= 0.95
+    result["composed2_bar_met"] = result["composed2_overhead_vs_one"] <= 2.2
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

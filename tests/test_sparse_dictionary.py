@@ -7,6 +7,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from adapters import (
+    MAX_COMPOSED,
     AdapterConfigError,
     AdapterHost,
     RoutingError,
@@ -170,6 +171,73 @@ def test_top_atoms_keeps_the_most_important(transformer: PixArtTransformer2DMode
         assert torch.equal(atoms_used, expected)
 
 
+def _attention_output(
+    transformer: PixArtTransformer2DModel, host: AdapterHost, route: SampleRoute | None
+) -> torch.Tensor:
+    """Block 0's self-attention output for fixed hidden states, through ``route`` (None: the base)."""
+    hidden = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(5))
+    attention = transformer.transformer_blocks[0].attn1
+    with torch.no_grad():
+        if route is None:
+            return attention(hidden)
+        with host.route([route]):
+            return attention(hidden)
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["fused", "reference"])
+def test_a_composed_update_is_the_sum_of_the_scaled_single_updates(reference: bool) -> None:
+    transformer = tiny_transformer()
+    host = AdapterHost(transformer, reference=reference)
+    host.add("x", trained_like(transformer, seed=7, density=0.25))
+    host.add("y", trained_like(transformer, seed=8, activation="relu", threshold=0.2))
+    host.add("wide", trained_like_wide(transformer))
+    half = torch.arange(ATOMS) < ATOMS // 2
+    parts = [
+        SampleRoute("x", density=0.5, scale=0.7),
+        SampleRoute("y", atom_mask={0: half}, scale=-1.3),
+        SampleRoute("wide", scale=2.0),
+    ]
+    base = _attention_output(transformer, host, None)
+    composed = _attention_output(transformer, host, SampleRoute.compose(parts)) - base
+    expected = sum(
+        part.scale
+        * (_attention_output(transformer, host, SampleRoute(part.adapter, part.density, part.atom_mask)) - base)
+        for part in parts
+    )
+    assert relative_error(composed, expected) < 1e-5
+    assert (
+        relative_error(
+            composed, expected - parts[2].scale * (_attention_output(transformer, host, SampleRoute("wide")) - base)
+        )
+        > 1e-2
+    ), "every part must count"
+
+
+def test_a_composed_adapter_at_scale_zero_is_absent(transformer: PixArtTransformer2DModel) -> None:
+    host = AdapterHost(transformer)
+    host.add("x", trained_like(transformer, seed=3))
+    host.add("y", trained_like(transformer, seed=4))
+    batch = inputs(2)
+    with host.route([SampleRoute("x")]):
+        alone = forward(transformer, batch)
+    with host.route([SampleRoute.compose([SampleRoute("x"), SampleRoute("y", scale=0.0)])]):
+        muted = forward(transformer, batch)
+    with host.route([SampleRoute.compose([SampleRoute("y", scale=0.0), SampleRoute("x")])]):
+        muted_first = forward(transformer, batch)
+    assert torch.equal(muted, alone) and torch.equal(muted_first, alone)
+    with host.route([SampleRoute.compose([SampleRoute("x"), SampleRoute("y", scale=1e-3)])]):
+        assert not torch.equal(forward(transformer, batch), alone)
+
+
+def trained_like_wide(transformer: PixArtTransformer2DModel) -> SparseDictionaryAdapter:
+    """Twice the atoms of ``trained_like``'s, random non-zero ones."""
+    adapter = SparseDictionaryAdapter.create(SparseDictionaryConfig(num_atoms=2 * ATOMS), transformer, seed=9)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.dictionary.copy_(torch.randn(layer.dictionary.shape, generator=torch.Generator().manual_seed(9)))
+    return adapter
+
+
 @pytest.mark.parametrize("grouped", [False, True], ids=["interleaved", "grouped"])
 @pytest.mark.parametrize("with_wider_adapter", [True, False], ids=["two-widths", "one-width"])
 def test_mixed_batch_equals_each_sample_alone(with_wider_adapter: bool, grouped: bool) -> None:
@@ -189,9 +257,13 @@ def test_mixed_batch_equals_each_sample_alone(with_wider_adapter: bool, grouped:
         SampleRoute("x", density=0.5),
         SampleRoute("y", density=0.125),
         SampleRoute("x", atom_mask={0: half}, top_atoms=10),
+        # Composed rows beside single ones: the same adapters at other channel offsets.
+        SampleRoute.compose([SampleRoute("y", scale=-0.5), SampleRoute("x", density=0.5, scale=1.5)]),
+        SampleRoute.compose([SampleRoute("x", scale=0.8), SampleRoute("y", atom_mask={1: half})]),
     ]
     if with_wider_adapter:
         routes.append(SampleRoute("wide"))
+        routes.append(SampleRoute.compose([SampleRoute("wide", scale=0.5), SampleRoute("x")]))
     if grouped:
         routes.sort(key=lambda route: str(route.adapter))
     batch = inputs(len(routes))
@@ -304,6 +376,19 @@ def test_bad_routes_and_configs_are_rejected_with_clear_messages(transformer: Pi
         (SampleRoute("x", atom_mask={5: torch.ones(ATOMS, dtype=torch.bool)}), "block 5"),
         (SampleRoute("x", atom_mask={0: torch.ones(3, dtype=torch.bool)}), "shape"),
         (SampleRoute(None, density=0.5), "need an adapter"),
+    ]
+    host.add("y", trained_like(transformer, seed=12))
+    five = [SampleRoute(name) for name in ("x", "y", "x", "y", "x")]
+    cases += [
+        (SampleRoute("x", scale=float("nan")), "finite"),
+        (SampleRoute.compose([SampleRoute("x"), SampleRoute("x", scale=2.0)]), "each adapter once"),
+        (SampleRoute.compose(five), f"at most {MAX_COMPOSED}"),
+        (
+            SampleRoute.compose([SampleRoute("x"), SampleRoute("y", composed=(SampleRoute("z"),))]),
+            "name an adapter each",
+        ),
+        (SampleRoute.compose([SampleRoute("x"), SampleRoute(None)]), "name an adapter each"),
+        (SampleRoute(None, composed=(SampleRoute("x"),)), "need an adapter"),
     ]
     for route, message in cases:
         with pytest.raises(RoutingError, match=message), host.route([route]):

@@ -13,6 +13,7 @@ from adapters.sparse_dictionary.config import (
 from adapters.sparse_dictionary.layer import SparseDictionaryAdapter
 from adapters.sparse_dictionary.model import (
     GUIDANCE_BRANCHES,
+    MAX_COMPOSED,
     AdapterHost,
     GuidanceBranch,
     RoutingError,
@@ -24,6 +25,7 @@ from adapters.sparse_dictionary.processor import SparseDictionaryAttnProcessor
 __all__ = [
     "ACTIVATIONS",
     "GUIDANCE_BRANCHES",
+    "MAX_COMPOSED",
     "AdapterConfigError",
     "AdapterHost",
     "GuidanceBranch",

@@ -57,13 +57,14 @@ def fused_output_weight(out_proj: nn.Linear, dictionary: torch.Tensor, num_heads
 
 
 def compute_coefficients(hidden_states: torch.Tensor, groups: list[GroupPlan], num_heads: int) -> torch.Tensor:
-    """σ(X·W_s) per row, masked, laid out per head: (B, N, H, m_max), zero where unused.
+    """scale·σ(X·W_s) per row, masked, laid out per head: (B, N, H, m), zero where unused.
 
-    Adapters with fewer atoms than the widest one in the batch are zero-padded per head, which
-    leaves their part of A·S exact.
+    Per head, each group's M/H channels sit at its offset (composed adapters one after another);
+    rows that use fewer channels than the widest row are zero-padded, which leaves their part of
+    A·S exact.
     """
     batch, tokens, _ = hidden_states.shape
-    per_head_max = max(g.config.num_atoms for g in groups) // num_heads
+    per_head_max = max(g.offset + g.config.num_atoms // num_heads for g in groups)
     if len(groups) == 1 and groups[0].rows is None:
         return _group_coefficients(hidden_states, groups[0]).view(batch, tokens, num_heads, per_head_max)
     out = hidden_states.new_zeros(batch, tokens, num_heads, per_head_max)
@@ -71,7 +72,8 @@ def compute_coefficients(hidden_states: torch.Tensor, groups: list[GroupPlan], n
         per_head = group.config.num_atoms // num_heads
         rows = hidden_states if group.rows is None else hidden_states[group.rows]
         coefficients = _group_coefficients(rows, group).view(rows.shape[0], tokens, num_heads, per_head)
-        out[slice(None) if group.rows is None else group.rows, :, :, :per_head] = coefficients
+        channels = slice(group.offset, group.offset + per_head)
+        out[slice(None) if group.rows is None else group.rows, :, :, channels] = coefficients
     return out
 
 
@@ -82,6 +84,9 @@ def _group_coefficients(hidden_states: torch.Tensor, group: GroupPlan) -> torch.
         coefficients = keep_top_k(coefficients, group.k_per_row)
     if group.keep is not None:
         coefficients = coefficients * group.keep.to(coefficients.dtype).unsqueeze(1)
+    # A·(c·S)·D = c·(A·S·D): the scale rides on the coefficients, so A·S needs no second pass.
+    if group.scales is not None:
+        coefficients = coefficients * group.scales.to(coefficients.dtype).view(-1, 1, 1)
     return coefficients
 
 
@@ -185,7 +190,7 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def add_dictionary_update(output: torch.Tensor, mixed: torch.Tensor, groups: list[GroupPlan]) -> torch.Tensor:
-    """output + ΔO, ΔO = (A·S)·D per group of rows; ``mixed`` is A·S laid out (B, N, H, m_max)."""
+    """output + ΔO, ΔO = Σ (A·S)·D over the groups of each row; ``mixed`` is A·S laid out (B, N, H, m)."""
     batch, tokens, heads, _ = mixed.shape
     if len(groups) == 1 and groups[0].rows is None:
         dictionary = groups[0].layer.dictionary.to(mixed.dtype)
@@ -194,7 +199,7 @@ def add_dictionary_update(output: torch.Tensor, mixed: torch.Tensor, groups: lis
     for group in groups:
         per_head = group.config.num_atoms // heads
         rows = mixed if group.rows is None else mixed[group.rows]
-        rows = rows[..., :per_head].reshape(rows.shape[0], tokens, -1)
+        rows = rows[..., group.offset : group.offset + per_head].reshape(rows.shape[0], tokens, -1)
         delta = rows @ group.layer.dictionary.to(mixed.dtype)
         if group.rows is None:
             output = output + delta

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -23,6 +24,10 @@ class RoutingError(ValueError):
     """A route names an adapter, block, density or mask that does not fit; the message says which."""
 
 
+MAX_COMPOSED = 4
+"""Adapters one sample may compose."""
+
+
 @dataclass(frozen=True)
 class SampleRoute:
     """What one generated sample asks of the adapters.
@@ -38,6 +43,24 @@ class SampleRoute:
     density: float | None = None
     atom_mask: dict[int, torch.Tensor] | None = None
     top_atoms: int | None = None
+    scale: float = 1.0
+    """Multiplies this adapter's update: 0 leaves the base model, a negative one pushes away."""
+    composed: tuple[SampleRoute, ...] = ()
+    """Further adapters on the same sample, each with its own scale, density, mask and top atoms;
+    the updates add up, ΔO = Σ_i scale_i·A·σ_i(X·W_s,i)·D_i (see ``compose``)."""
+
+    @classmethod
+    def compose(cls, parts: Sequence[SampleRoute]) -> SampleRoute:
+        """One sample's route through several adapters (at most ``MAX_COMPOSED``)."""
+        if not parts:
+            raise RoutingError("compose at least one adapter")
+        first, *rest = parts
+        return replace(first, composed=tuple(rest))
+
+    def uses(self) -> tuple[SampleRoute, ...]:
+        """Every adapter this sample asks for, each as a route of its own, in order."""
+        head = () if self.adapter is None else (replace(self, composed=()),)
+        return head + self.composed
 
 
 GuidanceBranch = Literal["conditional", "unconditional", "both"]
@@ -207,13 +230,27 @@ class AdapterHost:
 
     def _check_route(self, route: SampleRoute) -> None:
         if route.adapter is None:
-            if route.density is not None or route.atom_mask or route.top_atoms is not None:
-                raise RoutingError("density, atom_mask and top_atoms need an adapter")
+            if route.density is not None or route.atom_mask or route.top_atoms is not None or route.composed:
+                raise RoutingError("density, atom_mask, top_atoms and composed adapters need an adapter")
             return
+        uses = route.uses()
+        if len(uses) > MAX_COMPOSED:
+            raise RoutingError(f"a sample composes at most {MAX_COMPOSED} adapters, got {len(uses)}")
+        names = [use.adapter for use in uses]
+        if len(set(names)) != len(names):
+            raise RoutingError(f"a sample names each adapter once (give it a scale instead), got {names}")
+        for use in uses:
+            if use.adapter is None or use.composed:
+                raise RoutingError("composed routes name an adapter each and compose nothing further")
+            self._check_use(use)
+
+    def _check_use(self, route: SampleRoute) -> None:
         if route.adapter not in self._adapters:
             raise RoutingError(f"adapter {route.adapter!r} is not resident; add it first")
         adapter = self._adapters[route.adapter]
         atoms = adapter.config.num_atoms
+        if not math.isfinite(route.scale):
+            raise RoutingError(f"scale must be a finite number, got {route.scale}")
         if route.density is not None and not 0.0 < route.density <= 1.0:
             raise RoutingError(f"density must be in (0, 1], got {route.density}")
         if route.top_atoms is not None:
@@ -240,30 +277,42 @@ class AdapterHost:
         assert self._routes is not None
         if batch_size % len(self._routes):
             raise RoutingError(f"a batch of {batch_size} cannot be split over {len(self._routes)} routes")
-        rows_by_adapter: dict[str, list[tuple[int, SampleRoute, torch.Tensor | None]]] = {}
+        # A group: the rows that use one adapter at one channel offset (per head) of A·S. A row that
+        # composes adapters places each after the one before, so its channels never overlap.
+        entries_by_group: dict[tuple[str, int], list[tuple[int, SampleRoute, torch.Tensor | None]]] = {}
+        composed = False
         for row in range(batch_size):
-            route = self._routes[row % len(self._routes)]
-            if route.adapter is None:
-                continue
-            adapter = self._adapters[route.adapter]
-            if adapter.layer(block) is None:
-                continue
-            keep = _keep_mask(adapter, block, route)
-            if keep is not None and not bool(keep.any()):
-                continue  # every atom dropped: this row is the frozen model in this block
-            rows_by_adapter.setdefault(route.adapter, []).append((row, route, keep))
+            offset = 0
+            uses = self._routes[row % len(self._routes)].uses()
+            composed = composed or len(uses) > 1
+            for use in uses:
+                adapter = self._adapters[use.adapter]  # type: ignore[index]
+                if adapter.layer(block) is None or use.scale == 0:
+                    continue
+                keep = _keep_mask(adapter, block, use)
+                if keep is not None and not bool(keep.any()):
+                    continue  # every atom dropped: no update from this adapter in this block
+                entries_by_group.setdefault((use.adapter, offset), []).append((row, use, keep))  # type: ignore[arg-type]
+                offset += adapter.config.num_atoms // self.num_heads
 
         # Under autograd the processor needs D's gradient and never uses the fused matrices; with
-        # adapters of different widths in one batch the narrower ones' rows would not line up.
-        widths = {self._adapters[name].config.num_atoms for name in rows_by_adapter}
-        fuse = self.fuse_output and not self.reference and not torch.is_grad_enabled() and len(widths) == 1
+        # adapters of different widths in one batch, or composed ones, the rows would not line up.
+        widths = {self._adapters[name].config.num_atoms for name, _ in entries_by_group}
+        fuse = (
+            self.fuse_output
+            and not self.reference
+            and not torch.is_grad_enabled()
+            and len(widths) == 1
+            and not composed
+        )
         groups = []
-        for name, entries in rows_by_adapter.items():
+        for (name, offset), entries in entries_by_group.items():
             adapter = self._adapters[name]
             config = adapter.config
             ks = [_top_k(config, route) for _, route, _ in entries]
             keeps = [keep for _, _, keep in entries]
             rows = [row for row, _, _ in entries]
+            scales = [route.scale for _, route, _ in entries]
             groups.append(
                 GroupPlan(
                     layer=adapter.layer(block),  # type: ignore[arg-type]
@@ -278,6 +327,8 @@ class AdapterHost:
                         [torch.ones(config.num_atoms, dtype=torch.bool) if k is None else k.cpu() for k in keeps]
                     ).to(device),
                     output_weight=self._output_weight(name, block) if fuse else None,
+                    offset=offset,
+                    scales=None if all(scale == 1.0 for scale in scales) else torch.tensor(scales, device=device),
                 )
             )
         return groups

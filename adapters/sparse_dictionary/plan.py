@@ -32,6 +32,11 @@ class GroupPlan:
     output_weight: FusedOutputWeight | None = None
     """The output projection and D as one matrix (see ``fused_output_weight``), or ``None``: then
     A·V goes through ``to_out`` and (A·S)·D is added after."""
+    offset: int = 0
+    """Where, per head, this group's M/H coefficient channels start: after those of the adapters
+    its rows compose before this one."""
+    scales: torch.Tensor | None = None
+    """Per-row scale of the update, shape (rows,), or ``None`` where every row's is 1."""
 
 
 @dataclass(frozen=True)
