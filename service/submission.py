@@ -13,12 +13,13 @@ from collections.abc import Callable
 from fastapi import UploadFile
 
 from service.api.deps import owned_adapter
-from service.api.schemas import AtomMask, GenerationRequest, TrainingForm
+from service.api.schemas import AdapterUseRequest, AtomMask, GenerationRequest, TrainingForm
 from service.context import Services
 from service.core.catalog import AdapterRecord
 from service.core.contract import (
     MAX_SEED,
     AdapterSpec,
+    AdapterUse,
     AtomMaskSpec,
     FinetuneParams,
     GenerateParams,
@@ -111,9 +112,7 @@ def read_upload(upload: UploadFile, limit: int) -> bytes:
     return upload.file.read(limit + 1)
 
 
-def submit_finetune(
-    services: Services, tenant: Tenant, form: TrainingForm
-) -> tuple[str, str]:
+def submit_finetune(services: Services, tenant: Tenant, form: TrainingForm) -> tuple[str, str]:
     """Checks the form and the images, stores the uploads and queues the training: (adapter id, job id)."""
     images = form.images
     settings = services.settings
@@ -192,41 +191,66 @@ def _atom_mask(mask: AtomMask, record: AdapterRecord) -> AtomMaskSpec:
     return AtomMaskSpec(mode=mask.mode, blocks={block: sorted(atoms) for block, atoms in mask.blocks.items()})
 
 
-def _check_adapter(request: GenerationRequest, record: AdapterRecord, services: Services) -> None:
+def _check_adapter(use: AdapterUseRequest, record: AdapterRecord, services: Services) -> None:
     job = services.jobs.get(record.job_id) if record.job_id else None
     if (status := record.status(job)) != "ready":
         raise ApiError(409, "adapter_not_ready", f"adapter '{record.id}' is {status}; wait until it is ready")
-    if request.top_atoms is not None:
+    if use.top_atoms is not None:
         num_atoms = int(record.config["num_atoms"])
-        if request.top_atoms > num_atoms:
+        if use.top_atoms > num_atoms:
             raise invalid(f"top_atoms must be at most the adapter's {num_atoms} atoms")
         if read_atoms(services.storage.adapter_dir(record.tenant_id, record.id)) is None:
             raise invalid(f"adapter '{record.id}' carries no atom importance, so top_atoms cannot rank its atoms")
 
 
-def submit_generation(services: Services, tenant: Tenant, request: GenerationRequest) -> str:
-    """Checks the request against its adapter and queues the generation; returns the job id."""
-    check_side("width", request.width, services)
-    check_side("height", request.height, services)
-    check_cost(request, services)
-    atom_mask = None
+def _adapter_uses(request: GenerationRequest) -> list[AdapterUseRequest]:
+    """The adapters a request composes, its single-adapter form (``adapter_id``) included."""
+    single_form = [
+        name for name in ("adapter_id", "density", "atom_mask", "top_atoms") if getattr(request, name) is not None
+    ]
+    if request.adapters is not None:
+        if single_form:
+            raise invalid(f"give {', '.join(single_form)} inside each of adapters, or no adapters list")
+        if repeated := sorted(i for i, n in Counter(use.id for use in request.adapters).items() if n > 1):
+            raise invalid(f"adapters names {repeated} more than once; compose each adapter once, with a scale")
+        return request.adapters
     if request.adapter_id is None:
         for option in ("density", "atom_mask", "top_atoms"):
             if getattr(request, option) is not None:
                 raise invalid(f"{option} applies to an adapter; give adapter_id too")
-        if "adapter_guidance" in request.model_fields_set:
-            raise invalid("adapter_guidance applies to an adapter; give adapter_id too")
-    else:
-        record = owned_adapter(request.adapter_id, tenant, services)
-        _check_adapter(request, record, services)
-        atom_mask = _atom_mask(request.atom_mask, record) if request.atom_mask is not None else None
+        return []
+    return [
+        AdapterUseRequest(
+            id=request.adapter_id, density=request.density, atom_mask=request.atom_mask, top_atoms=request.top_atoms
+        )
+    ]
+
+
+def submit_generation(services: Services, tenant: Tenant, request: GenerationRequest) -> str:
+    """Checks the request against its adapters and queues the generation; returns the job id."""
+    check_side("width", request.width, services)
+    check_side("height", request.height, services)
+    check_cost(request, services)
+    uses = _adapter_uses(request)
+    if not uses and "adapter_guidance" in request.model_fields_set:
+        raise invalid("adapter_guidance applies to an adapter; give adapter_id or adapters too")
+    adapters = []
+    for use in uses:
+        record = owned_adapter(use.id, tenant, services)
+        _check_adapter(use, record, services)
+        adapters.append(
+            AdapterUse(
+                adapter_id=record.id,
+                scale=use.scale,
+                density=use.density,
+                atom_mask=_atom_mask(use.atom_mask, record) if use.atom_mask is not None else None,
+                top_atoms=use.top_atoms,
+            )
+        )
     params = GenerateParams(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        adapter_id=request.adapter_id,
-        density=request.density,
-        atom_mask=atom_mask,
-        top_atoms=request.top_atoms,
+        adapters=adapters,
         adapter_guidance=request.adapter_guidance,
         num_images=request.num_images,
         steps=request.steps,

@@ -58,7 +58,7 @@ class Superseded(Exception):
 
 
 AdapterLoader = Callable[[], SparseDictionaryAdapter]
-"""Reads a request's adapter from storage; called only when no cache tier holds it."""
+"""Reads one of a request's adapters from storage; called only when no cache tier holds it."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ class Ticket:
 @dataclass(frozen=True)
 class Finished:
     latents: torch.Tensor
-    adapter_tier: CacheTier | None
+    tiers: dict[str, CacheTier]
+    """Where each of its adapters was found."""
     batch_size: int
     admitted_at: float
     """Wall-clock time of its first step."""
@@ -86,7 +87,8 @@ class Request:
     """A prepared generation: everything its denoising loop needs, and where it stands."""
 
     params: GenerateParams
-    load: AdapterLoader | None
+    loads: dict[str, AdapterLoader]
+    """A loader for each of its adapters."""
     ticket: Ticket
     size: tuple[int, int]
     tokens: int
@@ -100,7 +102,9 @@ class Request:
     future: Future[Finished] = field(default_factory=Future)
     index: int = 0
     routes: list[SampleRoute] = field(default_factory=list)
-    tier: CacheTier | None = None
+    pinned: list[str] = field(default_factory=list)
+    """Its adapters pinned in the device cache while it runs."""
+    tiers: dict[str, CacheTier] = field(default_factory=dict)
     batch_size: int = 0
     admitted_at: float = 0.0
     stop: BaseException | None = None
@@ -183,9 +187,9 @@ class GenerationScheduler:
 
     # -- the task threads' side -----------------------------------------------------------------
 
-    def prepare(self, generation: GenerateParams, load: AdapterLoader | None, ticket: Ticket) -> Request:
+    def prepare(self, generation: GenerateParams, loads: dict[str, AdapterLoader], ticket: Ticket) -> Request:
         """Encodes the prompts and draws the initial latents, as the pipeline does, in the caller's
-        thread; ``load`` reads the request's adapter from storage, if it names one."""
+        thread; ``loads`` read the request's adapters from storage, by adapter id."""
         pipeline = self.runtime.pipeline
         device = self.runtime.device
         guided = generation.guidance_scale > 1
@@ -201,7 +205,7 @@ class GenerationScheduler:
         patch = pipeline.transformer.config.patch_size
         return Request(
             params=generation,
-            load=load,
+            loads=loads,
             ticket=ticket,
             size=(height, width),
             tokens=(height // scale // patch) * (width // scale // patch),
@@ -317,25 +321,42 @@ class GenerationScheduler:
             self._pending.extendleft(reversed(waiting[admitted:]))
 
     def _routes(self, request: Request) -> list[SampleRoute]:
-        """Makes the request's adapter resident (pinned while it runs) and returns its rows' routes."""
+        """Makes the request's adapters resident (pinned while it runs) and returns its rows' routes."""
         params = request.params
-        if params.adapter_id is None or request.load is None:
+        if not params.adapters:
             return [SampleRoute()] * request.rows
         cache = self.runtime.cache
-        hit = cache.acquire(params.adapter_id, request.load)
-        self.metrics.adapter_acquired(hit)
-        request.tier = hit.tier
-        num_atoms = self.runtime.host.get(params.adapter_id).config.num_atoms
-        route = SampleRoute(
-            adapter=params.adapter_id,
-            density=params.density,
-            atom_mask=_atom_mask(params.atom_mask, num_atoms),
-            top_atoms=params.top_atoms,
-        )
-        cache.pin(params.adapter_id)
+        uses = []
+        try:
+            for use in params.adapters:
+                hit = cache.acquire(use.adapter_id, request.loads[use.adapter_id])
+                # Pinned at once, so that acquiring the next one cannot evict it.
+                cache.pin(use.adapter_id)
+                request.pinned.append(use.adapter_id)
+                self.metrics.adapter_acquired(hit)
+                request.tiers[use.adapter_id] = hit.tier
+                num_atoms = self.runtime.host.get(use.adapter_id).config.num_atoms
+                uses.append(
+                    SampleRoute(
+                        adapter=use.adapter_id,
+                        density=use.density,
+                        atom_mask=_atom_mask(use.atom_mask, num_atoms),
+                        top_atoms=use.top_atoms,
+                        scale=use.scale,
+                    )
+                )
+        except BaseException:
+            self._unpin(request)
+            raise
+        route = SampleRoute.compose(uses)
         routes = [route] * params.num_images
         # The pipeline runs classifier-free guidance only above a scale of 1.
         return guided_routes(routes, params.adapter_guidance) if request.guided else routes
+
+    def _unpin(self, request: Request) -> None:
+        for adapter_id in request.pinned:
+            self.runtime.cache.unpin(adapter_id)
+        request.pinned.clear()
 
     def _next_group(self) -> list[Request]:
         sizes = list(self._groups)
@@ -368,7 +389,7 @@ class GenerationScheduler:
             timesteps.append(t[None].to(latents.device).expand(latents.shape[0]))
         routes, embeds, mask = self._batch(group)
         rows = len(routes)
-        adapters = len({route.adapter for route in routes if route.adapter is not None})
+        adapters = len({use.adapter for route in routes for use in route.uses()})
         for request in group:
             request.batch_size = max(request.batch_size, rows)
         with self.runtime.host.route(routes), self.metrics.denoising_step(rows, len(group), adapters):
@@ -431,13 +452,12 @@ class GenerationScheduler:
             return
         for request in leaving:
             group.remove(request)
-            if request.params.adapter_id is not None and request.load is not None and request.routes:
-                self.runtime.cache.unpin(request.params.adapter_id)
+            self._unpin(request)
             if request.stop is not None:
                 request.future.set_exception(request.stop)
             else:
                 request.future.set_result(
-                    Finished(request.latents, request.tier, request.batch_size, request.admitted_at)
+                    Finished(request.latents, request.tiers, request.batch_size, request.admitted_at)
                 )
         for size in [size for size, members in self._groups.items() if not members]:
             del self._groups[size]

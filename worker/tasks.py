@@ -31,6 +31,8 @@ from adapters import (
 )
 from service.core.catalog import AdapterRecord
 from service.core.contract import (
+    CACHE_TIERS,
+    AppliedAdapter,
     FinetuneParams,
     FinetuneResult,
     GenerateParams,
@@ -208,23 +210,31 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> GenerateResult
     params = GenerateParams.parse(job.params)
     runtime = _runtime(ctx)
     scheduler = ctx.scheduler()
-    load: AdapterLoader | None = None
-    if params.adapter_id is not None:
-        record = _adapter_of(ctx, job, params.adapter_id)
+    loads: dict[str, AdapterLoader] = {}
+    for use in params.adapters:
+        record = _adapter_of(ctx, job, use.adapter_id)
         folder = ctx.storage.adapter_dir(job.tenant_id, record.id) / ADAPTER_SUBDIR
         limit = ctx.settings.max_adapter_bytes
-        load = partial(load_adapter, folder, expected_fingerprint=runtime.fingerprint, max_bytes=limit)
+        loads[use.adapter_id] = partial(load_adapter, folder, expected_fingerprint=runtime.fingerprint, max_bytes=limit)
     # Threads have no soft time limit of Celery's; the scheduler checks this one at every step.
     deadline = time.monotonic() + ctx.settings.job_soft_time_limit_seconds
     ticket = Ticket(job.id, job.tenant_id, reporter.attempt, deadline)
-    finished = scheduler.run(scheduler.prepare(params, load, ticket))
+    finished = scheduler.run(scheduler.prepare(params, loads, ticket))
     reporter.progressing_since = finished.admitted_at
     images = scheduler.decode(finished.latents)
     with ctx.storage.replacing(ctx.storage.outputs_dir(job.tenant_id, job.id)) as tmp:
         for index, image in enumerate(images):
             image.save(tmp / f"{index}.png")
+    applied = [
+        AppliedAdapter(adapter_id=use.adapter_id, scale=use.scale, tier=finished.tiers[use.adapter_id])
+        for use in params.adapters
+    ]
     return GenerateResult(
-        image_count=len(images), seed=params.seed, adapter_tier=finished.adapter_tier, batch_size=finished.batch_size
+        image_count=len(images),
+        seed=params.seed,
+        adapter_tier=max((a.tier for a in applied), key=CACHE_TIERS.index, default=None),
+        adapters=applied,
+        batch_size=finished.batch_size,
     )
 
 

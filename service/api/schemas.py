@@ -13,8 +13,10 @@ from pydantic_core import PydanticCustomError
 
 from service.core.catalog import AdapterRecord, AdapterSource, AdapterStatus
 from service.core.contract import (
+    MAX_ADAPTER_SCALE,
     MAX_ATOMS,
     MAX_BLOCKS,
+    MAX_COMPOSED,
     MAX_SEED,
     Activation,
     AtomMaskMode,
@@ -155,15 +157,39 @@ class AtomMask(BaseModel):
     )
 
 
+class AdapterUseRequest(BaseModel):
+    """One of the adapters a generation composes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    scale: float = Field(
+        default=1.0,
+        ge=-MAX_ADAPTER_SCALE,
+        le=MAX_ADAPTER_SCALE,
+        description="Multiplies the adapter's update: 0 leaves it out, a negative scale pushes away from its concept",
+    )
+    density: float | None = Field(default=None, gt=0, le=1, description="Overrides the adapter's density")
+    atom_mask: AtomMask | None = None
+    top_atoms: StrictInt | None = Field(default=None, ge=1, description="Keep the K most important atoms per block")
+
+
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: PlainText = Field(min_length=1, max_length=1000)
     negative_prompt: PlainText = Field(default="", max_length=1000)
-    adapter_id: str | None = None
+    adapter_id: str | None = Field(default=None, description="One adapter at scale 1 (or give `adapters`)")
     density: float | None = Field(default=None, gt=0, le=1, description="Overrides the adapter's density")
     atom_mask: AtomMask | None = None
     top_atoms: StrictInt | None = Field(default=None, ge=1, description="Keep the K most important atoms per block")
+    adapters: list[AdapterUseRequest] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_COMPOSED,
+        description=f"Up to {MAX_COMPOSED} adapters composed, each with its own scale, density, atom mask and top "
+        "atoms: their updates add up. Instead of `adapter_id` and its options.",
+    )
     adapter_guidance: GuidanceBranch = Field(
         default="conditional",
         description="Which classifier-free-guidance branch the adapter acts on: `conditional` (the default: the "
@@ -184,16 +210,25 @@ class Progress(BaseModel):
     loss: float | None = None
 
 
+class AppliedAdapterOut(BaseModel):
+    id: str
+    scale: float
+    tier: CacheTier
+
+
 class JobResult(BaseModel):
     adapter_id: str | None = Field(default=None, description="Fine-tuning: the trained adapter")
     images: list[str] | None = Field(default=None, description="Generation: URLs of the PNGs")
     seed: int | None = None
     adapter_tier: CacheTier | None = Field(
-        default=None, description="Generation: the cache tier the adapter was found in"
+        default=None, description="Generation: the coldest cache tier its adapters were found in"
     )
     batch_size: int | None = Field(
         default=None,
         description="Generation: the most rows (of all requests batched with it) in one of its denoising steps",
+    )
+    adapters: list[AppliedAdapterOut] | None = Field(
+        default=None, description="Generation: the adapters applied, in order, and where each was found"
     )
 
 
@@ -221,7 +256,11 @@ class JobOut(BaseModel):
             else:
                 images = [f"/v1/jobs/{job.id}/images/{n}" for n in range(stored.image_count)]
                 result = JobResult(
-                    images=images, seed=stored.seed, adapter_tier=stored.adapter_tier, batch_size=stored.batch_size
+                    images=images,
+                    seed=stored.seed,
+                    adapter_tier=stored.adapter_tier,
+                    batch_size=stored.batch_size,
+                    adapters=[AppliedAdapterOut(id=a.adapter_id, scale=a.scale, tier=a.tier) for a in stored.adapters],
                 )
         error = None
         if job.error_code:

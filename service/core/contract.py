@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bump on any change to a message below that a reader of the previous version would misread."""
 
 JobKind = Literal["finetune", "generate"]
@@ -22,6 +22,8 @@ Activation = Literal["topk", "relu", "soft_threshold"]
 ACTIVATIONS: tuple[Activation, ...] = get_args(Activation)
 CacheTier = Literal["device", "host", "storage"]
 """Where a worker found an adapter: resident on its device, in its host memory, or in storage."""
+CACHE_TIERS: tuple[CacheTier, ...] = get_args(CacheTier)
+"""From the warmest to the coldest."""
 AtomMaskMode = Literal["keep", "drop"]
 GuidanceBranch = Literal["conditional", "unconditional", "both"]
 """Which half of a classifier-free-guidance batch an adapter acts on (the engine's ``guided_routes``)."""
@@ -32,6 +34,10 @@ MAX_SEED = 2**32 - 1
 # is torch-free, so they are repeated here rather than imported.
 MAX_BLOCKS = 1024
 MAX_ATOMS = 4096
+MAX_COMPOSED = 4
+"""Adapters one generation may compose (the engine's ``MAX_COMPOSED``)."""
+MAX_ADAPTER_SCALE = 2.0
+"""The largest magnitude of a composed adapter's scale."""
 
 
 class JobError(Exception):
@@ -122,16 +128,24 @@ class AtomMaskSpec(_Part):
     """Block index -> distinct atom indices, sorted; blocks not named keep every atom."""
 
 
+class AdapterUse(_Part):
+    """One adapter a generation applies, and how."""
+
+    adapter_id: str
+    scale: float
+    density: float | None
+    atom_mask: AtomMaskSpec | None
+    top_atoms: int | None
+
+
 class GenerateParams(Message):
     kind: ClassVar[JobKind] = "generate"
     what: ClassVar[str] = "parameters"
 
     prompt: str
     negative_prompt: str
-    adapter_id: str | None
-    density: float | None
-    atom_mask: AtomMaskSpec | None
-    top_atoms: int | None
+    adapters: list[AdapterUse]
+    """Empty for the base model; several are composed, their updates added up."""
     adapter_guidance: GuidanceBranch
     num_images: int
     steps: int
@@ -144,11 +158,22 @@ class GenerateParams(Message):
     def total_steps(self) -> int:
         return self.steps
 
+    @property
+    def adapter_id(self) -> str | None:
+        """The first adapter, which the job record names."""
+        return self.adapters[0].adapter_id if self.adapters else None
+
 
 class FinetuneResult(Message):
     what: ClassVar[str] = "result"
 
     adapter_id: str
+
+
+class AppliedAdapter(_Part):
+    adapter_id: str
+    scale: float
+    tier: CacheTier
 
 
 class GenerateResult(Message):
@@ -157,7 +182,9 @@ class GenerateResult(Message):
     image_count: int
     seed: int
     adapter_tier: CacheTier | None
-    """Where the adapter was found; None without an adapter."""
+    """The coldest tier its adapters were found in; None without an adapter."""
+    adapters: list[AppliedAdapter]
+    """What was applied, in order."""
     batch_size: int
     """The most rows (of every request in the batch, this one's included) in one of its denoising
     steps; classifier-free guidance gives a request two rows per image."""

@@ -234,15 +234,19 @@ def image_bytes() -> Callable[..., bytes]:
     return _image_bytes
 
 
-def _generate_params(**fields: object) -> GenerateParams:
-    """A generation's message as the gateway writes it: the API's defaults, ``fields`` over them."""
+def _generate_params(
+    adapter_id: str | None = None,
+    density: float | None = None,
+    atom_mask: object = None,
+    top_atoms: int | None = None,
+    **fields: object,
+) -> GenerateParams:
+    """A generation's message as the gateway writes it: the API's defaults, ``fields`` over them;
+    ``adapter_id`` and its options give one adapter at scale 1, as the API's single-adapter form."""
     defaults: dict[str, object] = {
         "prompt": "p",
         "negative_prompt": "",
-        "adapter_id": None,
-        "density": None,
-        "atom_mask": None,
-        "top_atoms": None,
+        "adapters": [],
         "adapter_guidance": "conditional",
         "num_images": 1,
         "steps": 20,
@@ -251,6 +255,15 @@ def _generate_params(**fields: object) -> GenerateParams:
         "height": None,
         "seed": 0,
     }
+    if adapter_id is not None:
+        use = {
+            "adapter_id": adapter_id,
+            "scale": 1.0,
+            "density": density,
+            "atom_mask": atom_mask,
+            "top_atoms": top_atoms,
+        }
+        defaults["adapters"] = [use]
     return GenerateParams.model_validate({**defaults, **fields})
 
 

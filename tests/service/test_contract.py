@@ -8,6 +8,7 @@ import pytest
 from service.core.contract import (
     SCHEMA_VERSION,
     AdapterSpec,
+    AppliedAdapter,
     AtomMaskSpec,
     FinetuneParams,
     FinetuneResult,
@@ -38,7 +39,11 @@ def test_messages_read_back_as_written(generate_params: Callable[..., GeneratePa
         assert type(message).parse(stored) == message
     assert generation.total_steps == 20 and finetune_params().total_steps == 5
     assert parse_result("finetune", FinetuneResult(adapter_id="A").model_dump()) == FinetuneResult(adapter_id="A")
-    result = GenerateResult(image_count=2, seed=9, adapter_tier="host", batch_size=6)
+    applied = [
+        AppliedAdapter(adapter_id="A", scale=1.0, tier="host"),
+        AppliedAdapter(adapter_id="B", scale=-0.5, tier="device"),
+    ]
+    result = GenerateResult(image_count=2, seed=9, adapter_tier="host", adapters=applied, batch_size=6)
     assert parse_result("generate", result.model_dump()) == result
 
 

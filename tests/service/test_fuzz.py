@@ -59,8 +59,10 @@ def test_generated_requests_get_no_5xx_and_only_documented_responses(fuzzed_stac
         "25",
         "--header",
         f"Authorization: Bearer {key}",
+        # One worker: hypothesis parses lambdas' source with ast, which CPython 3.11 does not
+        # make thread-safe ("AST constructor recursion depth mismatch" under several workers).
         "--workers",
-        "2",
+        "1",
         "--seed",
         "1",
         "--no-color",

@@ -83,11 +83,20 @@ def mix(generate_params: Callable[..., GenerateParams]) -> list[GenerateParams]:
         generate_params(adapter_id="x", atom_mask=drop, seed=4, steps=4),
         generate_params(adapter_id="y", top_atoms=3, adapter_guidance="both", seed=5, guidance_scale=7.0, steps=6),
         generate_params(adapter_id="x", density=0.125, adapter_guidance="unconditional", seed=6, steps=5),
+        # Two adapters composed, each with its own scale and options, beside the single ones.
+        generate_params(
+            adapters=[
+                {"adapter_id": "y", "scale": -0.5, "density": None, "atom_mask": drop, "top_atoms": None},
+                {"adapter_id": "x", "scale": 1.5, "density": 0.5, "atom_mask": None, "top_atoms": None},
+            ],
+            seed=7,
+            steps=5,
+        ),
     ]
 
 
 def run_alone(scheduler: GenerationScheduler, request: GenerateParams, ticket: Ticket) -> Finished:
-    return scheduler.run(scheduler.prepare(request, unused, ticket))
+    return scheduler.run(scheduler.prepare(request, {use.adapter_id: unused for use in request.adapters}, ticket))
 
 
 def run_all(
@@ -153,6 +162,19 @@ def test_alone_through_the_scheduler_is_exactly_the_pipeline(
         (requests[0], [SampleRoute("x")]),
         (requests[1], [SampleRoute("y", density=0.5)]),
         (requests[2], [SampleRoute()] * 2),
+        (
+            requests[6],
+            [
+                SampleRoute.compose(
+                    [
+                        SampleRoute(
+                            "y", atom_mask={0: ~torch.isin(torch.arange(16), torch.tensor([1, 2, 3]))}, scale=-0.5
+                        ),
+                        SampleRoute("x", density=0.5, scale=1.5),
+                    ]
+                )
+            ],
+        ),
     ]
     for request, routes in cases:
         finished = run_alone(scheduler, request, claimed_ticket(jobs, generate_params))

@@ -21,6 +21,7 @@ from service.core.contract import (
     GUIDANCE_BRANCHES,
     MAX_ATOMS,
     MAX_BLOCKS,
+    MAX_COMPOSED,
     SCHEMA_VERSION,
     GenerateParams,
     GenerateResult,
@@ -218,8 +219,11 @@ def test_atom_mask_bounds_and_activations_are_the_engines() -> None:
     from adapters.sparse_dictionary.model import GUIDANCE_BRANCHES as ENGINE_GUIDANCE_BRANCHES
 
     assert (MAX_BLOCKS, MAX_ATOMS) == (ENGINE_MAX_BLOCKS, ENGINE_MAX_ATOMS)
+    from adapters import MAX_COMPOSED as ENGINE_MAX_COMPOSED
+
     assert ACTIVATIONS == ENGINE_ACTIVATIONS
     assert GUIDANCE_BRANCHES == ENGINE_GUIDANCE_BRANCHES
+    assert MAX_COMPOSED == ENGINE_MAX_COMPOSED
 
 
 @pytest.fixture
@@ -252,9 +256,46 @@ def test_atom_masks_refuse_repeated_atoms_and_are_stored_sorted(
     job_id = accepted.json()["job_id"]
     jobs = JobStore(connect(settings.redis_url))
     job = jobs.get(job_id)
-    assert job is not None and job.params["atom_mask"]["blocks"] == {"1": [2, 7, 9]}
-    assert GenerateParams.parse(job.params).atom_mask.blocks == {1: [2, 7, 9]}  # type: ignore[union-attr]
+    assert job is not None and job.params["adapters"][0]["atom_mask"]["blocks"] == {"1": [2, 7, 9]}
+    assert GenerateParams.parse(job.params).adapters[0].atom_mask.blocks == {1: [2, 7, 9]}  # type: ignore[union-attr]
     jobs.cancel(job_id)
+
+
+def test_composed_adapters_are_checked_each_and_stored_in_order(
+    new_tenant: Callable[[str], Api], ready_adapter: Callable[[str], str], settings: Settings
+) -> None:
+    api, neighbour = new_tenant("composed"), new_tenant("composed-neighbour")
+    mine = [ready_adapter(api.tenant_id) for _ in range(MAX_COMPOSED + 1)]  # type: ignore[attr-defined]
+    theirs = ready_adapter(neighbour.tenant_id)  # type: ignore[attr-defined]
+    cases = [
+        ({"adapter_id": mine[0], "adapters": [{"id": mine[1]}]}, 422, "give adapter_id inside each of adapters"),
+        ({"top_atoms": 2, "adapters": [{"id": mine[1]}]}, 422, "give top_atoms inside each of adapters"),
+        ({"adapters": [{"id": mine[0]}, {"id": mine[0], "scale": 2}]}, 422, "more than once"),
+        ({"adapters": [{"id": a} for a in mine]}, 422, f"at most {MAX_COMPOSED} items"),
+        ({"adapters": []}, 422, "at least 1 item"),
+        ({"adapters": [{"id": mine[0], "scale": 2.5}]}, 422, "adapters.0.scale"),
+        ({"adapters": [{"id": mine[0]}, {"id": mine[1], "top_atoms": 17}]}, 422, "at most the adapter's 16 atoms"),
+        ({"adapters": [{"id": mine[0]}, {"id": theirs}]}, 404, f"adapter '{theirs}' does not exist"),
+        ({"adapters": [{"id": mine[0], "atom_mask": {"mode": "keep", "blocks": {"7": [1]}}}]}, 422, "block 7"),
+    ]
+    for body, status, says in cases:
+        response = api.post("/v1/generations", json={"prompt": "p", **body})
+        assert response.status_code == status, (body, response.text)
+        assert says in error_of(response)["message"], (body, response.text)
+
+    composed = [
+        {"id": mine[1], "scale": -0.5, "density": 0.5},
+        {"id": mine[0], "atom_mask": {"mode": "drop", "blocks": {"0": [3]}}},
+    ]
+    accepted = api.post("/v1/generations", json={"prompt": "p", "adapters": composed})
+    assert accepted.status_code == 202, accepted.text
+    jobs = JobStore(connect(settings.redis_url))
+    job = jobs.get(accepted.json()["job_id"])
+    assert job is not None and job.adapter_id == mine[1]
+    uses = GenerateParams.parse(job.params).adapters
+    assert [(u.adapter_id, u.scale, u.density) for u in uses] == [(mine[1], -0.5, 0.5), (mine[0], 1.0, None)]
+    assert uses[1].atom_mask is not None and uses[1].atom_mask.blocks == {0: [3]}
+    jobs.cancel(job.id)
 
 
 def test_a_result_written_by_a_worker_of_another_version_is_refused_with_a_clear_error(
@@ -265,7 +306,7 @@ def test_a_result_written_by_a_worker_of_another_version_is_refused_with_a_clear
     job_id = new_id()
     jobs.create(job_id, api.tenant_id, generate_params(steps=1), max_active=4)  # type: ignore[attr-defined]
     _, attempt = jobs.claim(job_id, pid=0, max_attempts=1)
-    result = GenerateResult(image_count=1, seed=0, adapter_tier=None, batch_size=2)
+    result = GenerateResult(image_count=1, seed=0, adapter_tier=None, adapters=[], batch_size=2)
     assert jobs.finish(job_id, attempt, "succeeded", result.model_copy(update={"schema_version": 99})) == "ok"
     response = api.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 500 and error_of(response)["code"] == "version_mismatch"

@@ -50,7 +50,7 @@ def test_a_redelivery_takes_over_and_fences_off_the_first_run(jobs: JobStore, ma
     job = jobs.get(job_id)
     assert job is not None and job.step == 0 and job.worker_pid == 2 and job.status == "running"
     assert jobs.progress(job_id, 1, 2, 3) == "stale"
-    result = GenerateResult(image_count=1, seed=0, adapter_tier=None, batch_size=2)
+    result = GenerateResult(image_count=1, seed=0, adapter_tier=None, adapters=[], batch_size=2)
     assert jobs.finish(job_id, 1, "succeeded", result) == "running"
     assert jobs.finish(job_id, 2, "succeeded", result) == "ok"
     done = jobs.get(job_id)

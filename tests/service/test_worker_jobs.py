@@ -189,3 +189,33 @@ def test_a_job_written_by_a_gateway_of_another_version_fails_with_a_clear_error(
     # The worker goes on with jobs of its own version.
     later = api.post("/v1/generations", json={"prompt": "x", "steps": 2}, params={"wait": 60}).json()["job"]
     assert later["status"] == "succeeded"
+
+
+def test_a_generation_composes_adapters_each_with_its_scale_and_records_them(
+    new_tenant: Callable[[str], Api], wait_job: Callable[..., dict], image_bytes: Callable[..., bytes]
+) -> None:
+    api = new_tenant("composer")
+    other = new_tenant("composer-neighbour")
+    first, first_job = start_training(api, image_bytes, steps=3)
+    second, second_job = start_training(api, image_bytes, steps=3)
+    foreign, foreign_job = start_training(other, image_bytes, steps=3)
+    for client, job in ((api, first_job), (api, second_job), (other, foreign_job)):
+        assert wait_job(client, job)["status"] == "succeeded"
+
+    def image(**body: object) -> tuple[bytes, dict]:
+        response = api.post("/v1/generations", json={"prompt": "x", "steps": 3, "seed": 4, **body}, params={"wait": 60})
+        job = response.json()["job"]
+        assert job is not None and job["status"] == "succeeded", response.text
+        return api.get(job["result"]["images"][0]).content, job["result"]
+
+    alone, _ = image(adapter_id=first)
+    muted, muted_result = image(adapters=[{"id": first}, {"id": second, "scale": 0}])
+    composed, composed_result = image(adapters=[{"id": first}, {"id": second, "scale": -1.5, "density": 0.5}])
+    # Scale 0 is the adapter absent, through the whole service; another scale changes the image.
+    assert muted == alone and composed != alone
+    applied = composed_result["adapters"]
+    assert [(a["id"], a["scale"]) for a in applied] == [(first, 1.0), (second, -1.5)]
+    assert {a["tier"] for a in applied + muted_result["adapters"]} <= {"device", "host", "storage"}
+
+    refused = api.post("/v1/generations", json={"prompt": "x", "adapters": [{"id": first}, {"id": foreign}]})
+    assert refused.status_code == 404 and foreign in refused.json()["error"]["message"]
