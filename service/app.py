@@ -10,12 +10,12 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.api import adapters, generations, health, jobs
+from service.api import adapters, generations, health, jobs, openai_images, webhooks
 from service.body_limit import BodyLimitMiddleware
 from service.context import Services
 from service.core.contract import MessageError
 from service.core.settings import Settings, get_settings
-from service.errors import error_body, install_error_handlers
+from service.errors import error_response, install_error_handlers
 from service.metrics import install_metrics
 
 log = logging.getLogger(__name__)
@@ -49,22 +49,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app)
     install_error_handlers(app)
 
-    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         # Redis calls retry through a restart first (redis_db.connect): this is an outage to wait out.
         log.warning("Redis or the broker failed a request: %r", exc)
-        body = error_body("unavailable", "the job queue (Redis) is unavailable; retry in a few seconds")
-        return JSONResponse(body, 503, headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)})
+        message = "the job queue (Redis) is unavailable; retry in a few seconds"
+        retry = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)}
+        return error_response(request, 503, "unavailable", message, retry)
 
     for error in (RedisConnectionError, RedisTimeoutError, OperationalError):
         app.add_exception_handler(error, unavailable)
 
-    async def unreadable(_: Request, exc: Exception) -> JSONResponse:
+    async def unreadable(request: Request, exc: Exception) -> JSONResponse:
         # A job record written by a worker of another atomtune version: an operator's problem to fix.
         assert isinstance(exc, MessageError)
-        return JSONResponse(error_body(exc.code, exc.message), 500)
+        return error_response(request, 500, exc.code, exc.message)
 
     app.add_exception_handler(MessageError, unreadable)
 
-    for module in (health, adapters, generations, jobs):
+    for module in (health, adapters, generations, jobs, openai_images, webhooks):
         app.include_router(module.router)
     return app

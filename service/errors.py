@@ -36,6 +36,23 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
+# The OpenAI-compatible routes answer errors as OpenAI's API does, so that its clients read them.
+OPENAI_PATHS = ("/v1/images/", "/v1/models")
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_response(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The error in this API's shape, or in OpenAI's on its routes (where invalid input is 400)."""
+    if not request.url.path.startswith(OPENAI_PATHS):
+        return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    status = 400 if status == 422 else status
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def _format_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -60,9 +77,9 @@ def _allowed_methods(request: Request) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -80,15 +97,15 @@ def install_error_handlers(app: FastAPI) -> None:
             allowed = _allowed_methods(request)
             headers = {**(headers or {}), "Allow": allowed}
             message = f"{request.method} is not served here; this path serves {allowed}"
-        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
+        return error_response(request, exc.status_code, code, message, headers)
 
-    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return JSONResponse(error_body("invalid_request", _format_validation(exc)), status_code=422)
+        return error_response(request, 422, "invalid_request", _format_validation(exc))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(error_body("internal", "internal error; retry later"), status_code=500)
+        return error_response(request, 500, "internal", "internal error; retry later")
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

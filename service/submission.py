@@ -30,6 +30,7 @@ from service.core.ids import new_id
 from service.core.queue import enqueue
 from service.core.storage import read_atoms
 from service.core.tenants import Tenant
+from service.core.webhooks import WebhookRefused, check_url
 from service.core.worker_registry import base_shape
 from service.errors import ApiError, invalid
 from service.images import MAX_IMAGES, CheckedImage, check_image
@@ -76,8 +77,21 @@ def _random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
+def check_webhook(url: str | None, services: Services) -> None:
+    if url is not None:
+        try:
+            check_url(url, services.settings)
+        except WebhookRefused as exc:
+            raise invalid(str(exc)) from None
+
+
 def submit(
-    services: Services, tenant: Tenant, job_id: str, params: JobParams, undo: Callable[[], None] | None = None
+    services: Services,
+    tenant: Tenant,
+    job_id: str,
+    params: JobParams,
+    undo: Callable[[], None] | None = None,
+    webhook_url: str | None = None,
 ) -> None:
     """Records the job as queued (429 if the tenant has its limit of active jobs) and queues it.
 
@@ -85,7 +99,7 @@ def submit(
     failed, so that it holds no slot of the tenant's quota, and the error propagates (503).
     """
     limit = services.settings.max_active_jobs_per_tenant
-    if services.jobs.create(job_id, tenant.id, params, max_active=limit) is None:
+    if services.jobs.create(job_id, tenant.id, params, max_active=limit, webhook_url=webhook_url) is None:
         if undo is not None:
             undo()
         raise ApiError(
@@ -119,6 +133,7 @@ def submit_finetune(services: Services, tenant: Tenant, form: TrainingForm) -> t
     if not 1 <= len(images) <= MAX_IMAGES:
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")
     check_side("resolution", form.resolution, services)
+    check_webhook(form.webhook_url, services)
     if form.captions is not None and len(form.captions) != len(images):
         raise invalid(f"send one caption per image: {len(form.captions)} captions for {len(images)} images")
     base = base_shape(services.db)
@@ -173,7 +188,7 @@ def submit_finetune(services: Services, tenant: Tenant, form: TrainingForm) -> t
         services.catalog.delete(adapter_id, tenant.id)
         services.storage.remove_adapter(tenant.id, adapter_id)
 
-    submit(services, tenant, job_id, params, undo=discard)
+    submit(services, tenant, job_id, params, undo=discard, webhook_url=form.webhook_url)
     return adapter_id, job_id
 
 
@@ -231,6 +246,7 @@ def submit_generation(services: Services, tenant: Tenant, request: GenerationReq
     check_side("width", request.width, services)
     check_side("height", request.height, services)
     check_cost(request, services)
+    check_webhook(request.webhook_url, services)
     uses = _adapter_uses(request)
     if not uses and "adapter_guidance" in request.model_fields_set:
         raise invalid("adapter_guidance applies to an adapter; give adapter_id or adapters too")
@@ -260,5 +276,5 @@ def submit_generation(services: Services, tenant: Tenant, request: GenerationReq
         seed=request.seed if request.seed is not None else _random_seed(),
     )
     job_id = new_id()
-    submit(services, tenant, job_id, params)
+    submit(services, tenant, job_id, params, webhook_url=request.webhook_url)
     return job_id

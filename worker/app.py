@@ -3,10 +3,11 @@
 It registers the task bodies of ``worker.tasks`` under the queue contract's names, and wires in
 through signals what Celery does not do by itself: a heartbeat the gateway's ``/readyz`` reads,
 and with it the recovery of jobs whose worker died and the retention sweep
-(``service.core.retention``); in each process that runs jobs (a prefork pool process, or the
-worker itself with the thread pool of a generation worker), the metrics
-server, loading the base model as soon as it starts, and listening for deleted adapters; and
-recording a hard time limit in the job (the process that ran it is gone, so only the parent can).
+(``service.core.retention``); the delivery of webhooks (``worker.webhooks``); in each process
+that runs jobs (a prefork pool process, or the worker itself with the thread pool of a
+generation worker), the metrics server, loading the base model as soon as it starts, and
+listening for deleted adapters; and recording a hard time limit in the job (the process that ran
+it is gone, so only the parent can).
 
 Recovery: a thread pool runs its tasks in the worker's own process, so a SIGKILL leaves no parent
 to put their messages back, and Redis returns an unacknowledged message only after the visibility
@@ -44,6 +45,7 @@ from worker import tasks
 from worker.context import context
 from worker.eviction import listen_for_deletions
 from worker.runtime import BaseModelMissing
+from worker.webhooks import deliver_webhooks
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -91,6 +93,8 @@ def recover_orphans(jobs: JobStore, name: str) -> None:
 @worker_ready.connect
 def _start_heartbeat(sender: Any, **_: Any) -> None:
     threading.Thread(target=_heartbeat, args=(sender.hostname,), name="heartbeat", daemon=True).start()
+    webhooks = (connect(settings.redis_url), settings, _stop_heartbeat)
+    threading.Thread(target=deliver_webhooks, args=webhooks, name="webhooks", daemon=True).start()
 
 
 @worker_shutdown.connect

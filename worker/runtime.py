@@ -8,6 +8,7 @@ once the model is in memory.
 import logging
 import threading
 import time
+from pathlib import Path
 
 import torch
 from diffusers import PixArtSigmaPipeline
@@ -28,6 +29,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def base_model_name(base_model: str) -> str:
+    """A hub id as it is; a local folder by its name only (its path is the server's business)."""
+    folder = Path(base_model)
+    return folder.name if folder.is_dir() else base_model
 
 
 class Runtime:
@@ -58,6 +65,7 @@ class Runtime:
             in_features=attention.to_q.in_features,
             out_features=attention.to_out[0].out_features,
             sample_size=pipeline.transformer.config.sample_size * pipeline.vae_scale_factor,
+            name=base_model_name(settings.base_model),
         )
         log.info(
             "loaded base model %s on %s/%s in %.1f s (fingerprint %s)",

@@ -62,6 +62,16 @@ PlainText = Annotated[str, AfterValidator(_plain_text)]
 Caption = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_plain_text)]
 
 
+WebhookUrl = Annotated[
+    str | None,
+    Field(
+        default=None,
+        max_length=2048,
+        description="Called with a signed POST of the job when it ends (HTTPS, a public address; see the README)",
+    ),
+]
+
+
 class TrainingForm(BaseModel):
     """The multipart form of ``POST /v1/adapters``: the images and the training fields. A field it
     does not know is refused rather than ignored (a misspelt ``stepz`` would train the default)."""
@@ -88,6 +98,7 @@ class TrainingForm(BaseModel):
     resolution: OptionalWholeNumber = Field(
         default=None, ge=16, le=4096, description="Training size in pixels; the base model's own when omitted"
     )
+    webhook_url: WebhookUrl = None
 
 
 class AdapterCreated(BaseModel):
@@ -202,6 +213,7 @@ class GenerationRequest(BaseModel):
     width: StrictInt | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
     height: StrictInt | None = Field(default=None, ge=16, le=4096, description="The base model's size when omitted")
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted")
+    webhook_url: WebhookUrl = None
 
 
 class Progress(BaseModel):
@@ -232,6 +244,20 @@ class JobResult(BaseModel):
     )
 
 
+class WebhookAttemptOut(BaseModel):
+    at: datetime
+    status_code: int | None = Field(description="The receiver's answer; none when it could not be reached")
+    error: str | None
+
+
+class WebhookOut(BaseModel):
+    url: str
+    status: Literal["pending", "retrying", "delivered", "failed"] | None = Field(
+        description="None while the job runs; `pending` once it ended, until delivered or given up"
+    )
+    attempts: list[WebhookAttemptOut]
+
+
 class JobOut(BaseModel):
     id: str
     kind: JobKind
@@ -245,6 +271,7 @@ class JobOut(BaseModel):
     attempts: int
     error: ErrorInfo | None
     result: JobResult | None
+    webhook: WebhookOut | None = Field(default=None, description="Its webhook's deliveries, if it names one")
 
     @classmethod
     def of(cls, job: Job) -> "JobOut":
@@ -278,7 +305,21 @@ class JobOut(BaseModel):
             attempts=job.attempts,
             error=error,
             result=result,
+            webhook=None
+            if job.webhook_url is None
+            else WebhookOut(
+                url=job.webhook_url,
+                status=job.webhook_status,  # type: ignore[arg-type]
+                attempts=[
+                    WebhookAttemptOut(at=_time(a["at"]), status_code=a["status_code"], error=a["error"])  # type: ignore[arg-type]
+                    for a in job.webhook_attempts
+                ],
+            ),
         )
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="`whsec_` and the base64 of the key that signs your webhooks")
 
 
 class GenerationAccepted(BaseModel):

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
@@ -21,6 +21,7 @@ from service.core.redis_db import (
     ENDED_JOBS_KEY,
     ENDED_OUTPUTS_KEY,
     ENDED_UPLOADS_KEY,
+    WEBHOOKS_DUE_KEY,
     WORKERS_KEY,
     job_events_key,
     job_key,
@@ -63,6 +64,12 @@ class Job:
     delivery: int
     """Which message may claim the job: a recovery bumps it, so a message sent before is stale."""
     cancel_requested: bool
+    webhook_url: str | None = None
+    webhook_status: str | None = None
+    """``pending`` from the job's end until a delivery succeeds (``delivered``) or gives up (``failed``);
+    ``retrying`` between attempts."""
+    webhook_attempts: list[dict[str, Any]] = field(default_factory=list)
+    """Each attempt: ``at`` (Unix time), ``status_code`` (None without a response) and ``error``."""
 
     @property
     def terminal(self) -> bool:
@@ -95,6 +102,9 @@ def parse_job(job_id: str, data: dict[str, str]) -> Job:
         worker=data.get("worker") or None,
         delivery=int(data.get("delivery") or 0),
         cancel_requested=data.get("cancel_requested") == "1",
+        webhook_url=data.get("webhook_url") or None,
+        webhook_status=data.get("webhook_status") or None,
+        webhook_attempts=json.loads(data.get("webhook_attempts") or "[]"),
     )
 
 
@@ -118,6 +128,11 @@ local function terminate(status, code, message)
     redis.call('ZADD', '{ENDED_OUTPUTS_KEY}', ARGV[1], tenant .. '/' .. ARGV[2])
   elseif kind == 'finetune' then
     redis.call('ZADD', '{ENDED_UPLOADS_KEY}', ARGV[1], tenant .. '/' .. redis.call('HGET', KEYS[1], 'adapter_id'))
+  end
+  local webhook = redis.call('HGET', KEYS[1], 'webhook_url')
+  if webhook and webhook ~= '' then
+    redis.call('HSET', KEYS[1], 'webhook_status', 'pending')
+    redis.call('ZADD', '{WEBHOOKS_DUE_KEY}', ARGV[1], ARGV[2])
   end
 end
 """
@@ -262,8 +277,11 @@ class JobStore:
     def active_count(self, tenant_id: str) -> int:
         return int(self.db.scard(tenant_active_jobs_key(tenant_id)))
 
-    def create(self, job_id: str, tenant_id: str, params: JobParams, max_active: int) -> Job | None:
-        """Records a queued job; None if the tenant already has ``max_active`` jobs queued or running."""
+    def create(
+        self, job_id: str, tenant_id: str, params: JobParams, max_active: int, webhook_url: str | None = None
+    ) -> Job | None:
+        """Records a queued job; None if the tenant already has ``max_active`` jobs queued or running.
+        ``webhook_url`` (checked by the caller) is called when the job ends."""
         fields = {
             "tenant_id": tenant_id,
             "kind": params.kind,
@@ -274,6 +292,7 @@ class JobStore:
             "total": params.total_steps,
             "queued_at": time.time(),
             "attempts": 0,
+            "webhook_url": webhook_url or "",
         }
         pairs = [item for field in fields.items() for item in field]
         if not self._create(keys=self._keys(job_id, tenant_id), args=[max_active, job_id, *pairs]):

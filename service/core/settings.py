@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     )
     retention_sweep_seconds: float = Field(default=300.0, gt=0, description="How often a worker sweeps")
 
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a webhook may go to whatever they resolve to (a JSON list), e.g. an internal receiver",
+    )
+    webhook_allow_http: bool = Field(default=False, description="Let webhooks go over plain HTTP")
+    webhook_max_attempts: int = Field(default=6, ge=1, le=20)
+    webhook_backoff_seconds: float = Field(default=2.0, gt=0, description="Wait before the 2nd attempt, doubling")
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+
     job_time_limit_seconds: int = Field(default=3600, ge=10)
     max_job_attempts: int = Field(default=3, ge=1)
     worker_heartbeat_seconds: float = Field(default=5.0, gt=0)

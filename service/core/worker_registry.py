@@ -50,6 +50,8 @@ class BaseShape:
     out_features: int
     sample_size: int | None = None
     """The image side the base was trained at, in pixels; None from a worker that predates it."""
+    name: str | None = None
+    """What clients call the base (its hub id, or its folder's name), e.g. as an OpenAI ``model``."""
 
 
 def publish_base(db: redis.Redis, shape: BaseShape) -> None:
@@ -68,4 +70,5 @@ def base_shape(db: redis.Redis) -> BaseShape | None:
         in_features=int(data["in_features"]),
         out_features=int(data["out_features"]),
         sample_size=int(data["sample_size"]) if "sample_size" in data else None,
+        name=data.get("name"),
     )
