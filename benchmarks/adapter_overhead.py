@@ -109,6 +109,76 @@ def timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def interleaved(
+    variants: dict[str, Callable[[], object]], runs: int, device: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of every variant, ``runs`` rounds after a warm-up round. Each round
+    runs every variant once, in a shuffled order so that no variant always follows a heavy one;
+    ratios are taken within a round, where the neighbours' load is alike."""
+    for step in variants.values():  # warm-up: allocator, kernels, lazy inits
+        step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_times: dict[str, list[float]] = {name: [] for name in variants}
+    order = random.Random(0)
+    for _ in range(runs):
+        names = list(variants)
+        order.shuffle(names)
+        for name in names:
+            wall, cpu = timed(variants[name], device)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+    return times, cpu_times
+
+
+ATTENTION_ROUNDS = 40
+CALLS_PER_ROUND = 5
+
+
+def attention_calls(
+    transformer: PixArtTransformer2DModel,
+    host: AdapterHost,
+    inputs: dict,
+    composed_two: list[SampleRoute],
+    composed_four: list[SampleRoute],
+    device: str,
+) -> dict[str, object]:
+    """Block 0's self-attention alone, on the hidden states of the step's input: the base, one
+    adapter, and 2 and 4 composed; each time the mean of ``CALLS_PER_ROUND`` calls."""
+    attention = transformer.transformer_blocks[0].attn1
+    with torch.no_grad():
+        hidden = transformer.pos_embed(inputs["hidden_states"])
+
+    def run(routes: list[SampleRoute] | None) -> Callable[[], object]:
+        def calls() -> object:
+            with torch.no_grad():
+                for _ in range(CALLS_PER_ROUND):
+                    if routes is None:
+                        attention(hidden)
+                    else:
+                        with host.route(routes):
+                            attention(hidden)
+            return None
+
+        return calls
+
+    variants = {
+        "base": run(None),
+        "adapter": run([SampleRoute("a0")]),
+        "composed2": run(composed_two),
+        "composed4": run(composed_four),
+    }
+    times, _ = interleaved(variants, ATTENTION_ROUNDS, device)
+    return {
+        "rounds": ATTENTION_ROUNDS,
+        "ms": {name: 1000 * statistics.median(values) / CALLS_PER_ROUND for name, values in times.items()},
+        "adapter_ratio": ratio("adapter", "base", times),
+        "composed2_ratio": ratio("composed2", "base", times),
+        "composed4_ratio": ratio("composed4", "base", times),
+        "composed2_overhead_vs_one": overhead_ratio("composed2", "adapter", times),
+        "composed4_overhead_vs_one": overhead_ratio("composed4", "adapter", times),
+    }
+
+
 def ratio(numerator: str, denominator: str, samples: dict[str, list[float]]) -> float:
     """Median over rounds of the per-round ratio of two variants' times."""
     pairs = zip(samples[numerator], samples[denominator], strict=True)
@@ -116,10 +186,9 @@ def ratio(numerator: str, denominator: str, samples: dict[str, list[float]]) -> 
 
 
 def overhead_ratio(variant: str, reference: str, samples: dict[str, list[float]]) -> float:
-    """Median over rounds of (variant − base) / (reference − base): how many times the
-    reference's added time the variant adds."""
-    rounds = zip(samples[variant], samples[reference], samples["base"], strict=True)
-    return statistics.median((top - base) / (bottom - base) for top, bottom, base in rounds)
+    """How many times the reference's added time (over the base) the variant adds, from the
+    per-round ratios' medians: a per-round quotient of two small differences would be noise."""
+    return (ratio(variant, "base", samples) - 1) / (ratio(reference, "base", samples) - 1)
 
 
 def machine(device: str) -> str:
@@ -180,21 +249,11 @@ def main() -> None:
         "composed2": run(transformer, single, composed_two),
         "composed4": run(transformer, single, composed_four),
     }
-    for step in variants.values():  # warm-up: allocator, kernels, lazy inits
-        step()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    cpu_times: dict[str, list[float]] = {name: [] for name in variants}
-    # Each round runs every variant once, in a shuffled order so no variant always follows the
-    # heavy batch-of-4 ones; ratios are taken within a round, where neighbours' load is alike.
-    order = random.Random(0)
-    for _ in range(runs):
-        names = list(variants)
-        order.shuffle(names)
-        for name in names:
-            wall, cpu = timed(variants[name], device)
-            times[name].append(wall)
-            cpu_times[name].append(cpu)
+    times, cpu_times = interleaved(variants, runs, device)
     median = {name: statistics.median(values) for name, values in times.items()}
+    # The adapters' share of a whole step is a few per cent, under the machine's noise between
+    # rounds; one self-attention call, where all of it is spent, gives composition's cost clearly.
+    attention = attention_calls(transformer, host, single, composed_two, composed_four, device)
 
     result = {
         "machine": machine(device),
@@ -223,6 +282,10 @@ def main() -> None:
         "composed4_ratio": ratio("composed4", "base", times),
         # Issue #16: two composed adapters add at most 2.2 times one adapter's overhead.
         "composed2_overhead_vs_one": overhead_ratio("composed2", "adapter", times),
+        # Two (four) adapters' FLOPs, as one adapter of twice (four times) the atoms.
+        "composed2_flop_floor_ratio": 1 + flop_floor_ratio(tokens, atoms=2 * ATOMS),
+        "composed4_flop_floor_ratio": 1 + flop_floor_ratio(tokens, atoms=4 * ATOMS),
+        "attention_call": attention,
         "composed4_overhead_vs_one": overhead_ratio("composed4", "adapter", times),
         "cpu_adapter_ratio": ratio("adapter", "base", cpu_times),
         "cpu_lora_ratio": ratio("lora", "base", cpu_times),
@@ -232,7 +295,8 @@ def main() -> None:
     }
     result["adapter_bar_met"] = result["adapter_ratio"] <= result["adapter_ratio_bar"]
     result["hetero_bar_met"] = result["hetero_batch_ratio"] >= 0.95
-    result["composed2_bar_met"] = result["composed2_overhead_vs_one"] <= 2.2
+    # Judged on the attention call, where the composition's cost is measured above the noise.
+    result["composed2_bar_met"] = attention["composed2_overhead_vs_one"] <= 2.2  # type: ignore[operator]
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

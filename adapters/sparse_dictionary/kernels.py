@@ -183,6 +183,17 @@ def project_fused(both: torch.Tensor, groups: list[GroupPlan], bias: torch.Tenso
     return output
 
 
+def _stacked_dictionary(groups: list[GroupPlan], heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The groups' D matrices with rows in A·S's channel order, per head each group's M/H atoms at
+    its offset: (H·m, C_out). One group's D is that already."""
+    if len(groups) == 1:
+        return groups[0].layer.dictionary.to(dtype)
+    ordered = sorted(groups, key=lambda group: group.offset)
+    out_features = ordered[0].layer.dictionary.shape[1]
+    per_head = [group.layer.dictionary.to(dtype).reshape(heads, -1, out_features) for group in ordered]
+    return torch.cat(per_head, dim=1).reshape(-1, out_features)
+
+
 def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     flat = rows.reshape(-1, weight.shape[0])
     projected = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
@@ -192,8 +203,9 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def add_dictionary_update(output: torch.Tensor, mixed: torch.Tensor, groups: list[GroupPlan]) -> torch.Tensor:
     """output + ΔO, ΔO = Σ (A·S)·D over the groups of each row; ``mixed`` is A·S laid out (B, N, H, m)."""
     batch, tokens, heads, _ = mixed.shape
-    if len(groups) == 1 and groups[0].rows is None:
-        dictionary = groups[0].layer.dictionary.to(mixed.dtype)
+    if all(group.rows is None for group in groups):
+        # Every row has the same adapters at the same channels (one, or a composition): one product.
+        dictionary = _stacked_dictionary(groups, heads, mixed.dtype)
         flat = torch.addmm(output.reshape(batch * tokens, -1), mixed.reshape(batch * tokens, -1), dictionary)
         return flat.view(output.shape)
     for group in groups:
