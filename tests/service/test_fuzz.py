@@ -77,3 +77,4 @@ def test_generated_requests_get_no_5xx_and_only_documented_responses(fuzzed_stac
     assert selected[1] == selected[2] == tested[1], report[-3000:]
     generated = re.search(r"(\d+) generated", report)
     assert generated and int(generated[1]) >= 25 * int(tested[1]), report[-3000:]
+    print(report[report.find("SUMMARY") :])  # what ran, for `pytest -s`
