@@ -7,8 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -176,6 +178,65 @@ def worker(service_env: dict[str, str], settings: Settings, tmp_path_factory: py
     wait_until(alive, STARTUP_SECONDS, "the worker's heartbeat")
     yield log_path
     stop_process(process, signal.SIGQUIT)
+
+
+@dataclass
+class UpProcess:
+    """``atomtune up`` running, its output collected line by line."""
+
+    process: subprocess.Popen[str]
+    lines: list[str]
+    key: str
+    """The demo tenant's key it printed."""
+
+    def log(self, last: int = 60) -> str:
+        return "".join(self.lines[-last:])
+
+
+def start_up(env: dict[str, str], timeout: float = 180) -> UpProcess:
+    """``atomtune up`` in a process of its own, once it has printed the demo tenant's key."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # Drained in a thread: the gateway's and worker's logs share the pipe.
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True).start()
+    prefix = "demo tenant key: "
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(prefix) for line in lines):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("".join(lines))
+        time.sleep(0.2)
+    key = next(line for line in lines if line.startswith(prefix)).removeprefix(prefix).strip()
+    return UpProcess(process, lines, key)
+
+
+def serve_stack(
+    env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, queues: str = "generate"
+) -> Iterator[str]:
+    """A worker for ``queues`` (each of its workers beating) and a gateway on ``env``'s Redis;
+    yields the gateway's URL, stops both at the end."""
+    log = tmp_path_factory.mktemp("logs") / "worker.log"
+    command = [sys.executable, "-m", "service.cli", "worker", "--queues", queues, "--loglevel", "info"]
+    worker = subprocess.Popen(command, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    db = connect(env["ATOMTUNE_REDIS_URL"])
+    expected = len(queues.split(","))
+
+    def beating() -> bool:
+        assert worker.poll() is None, log.read_text()[-3000:]
+        return len(worker_registry.alive(db, 1.0)) == expected
+
+    wait_until(beating, STARTUP_SECONDS, "the workers' heartbeats")
+    gateway = serve_gateway(env, tmp_path_factory)
+    yield next(gateway)
+    gateway.close()
+    stop_process(worker, signal.SIGQUIT)
 
 
 class Api(httpx.Client):

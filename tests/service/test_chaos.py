@@ -10,9 +10,6 @@ exactly once, succeeded, with the tenant's quota slots all free again.
 import io
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from PIL import Image
 
 from service.core.jobs import JobStore
 from service.core.redis_db import connect, job_events_key
-from tests.service.conftest import free_port
+from tests.service.conftest import free_port, start_up
 
 REPO = Path(__file__).resolve().parents[2]
 FINETUNES = 4
@@ -75,22 +72,10 @@ def test_twenty_jobs_end_exactly_once_through_a_worker_kill_and_a_redis_restart(
         "OMP_NUM_THREADS": "1",
     }
     env.pop("ATOMTUNE_BASE_MODEL", None)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(up.stdout or []), daemon=True).start()
+    stack = start_up(env)
+    up, lines, key = stack.process, stack.lines, stack.key
+    deadline = time.monotonic() + 180
     try:
-        deadline = time.monotonic() + 180
-        while not any(line.startswith("demo tenant key: ") for line in lines):
-            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.2)
-        key = next(line for line in lines if line.startswith("demo tenant key: ")).split(": ", 1)[1].strip()
         password = (data / "redis" / "password").read_text().strip()
         assert (data / "redis" / "password").stat().st_mode & 0o077 == 0
         redis_url = f"redis://:{password}@127.0.0.1:{redis_port}/0"

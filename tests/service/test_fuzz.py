@@ -5,7 +5,6 @@ generation worker on the tiny base, so that ``/readyz`` is ready and generations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from service.core import worker_registry
 from service.core.redis_db import connect
 from service.core.tenants import TenantStore
-from service.up import stop_process
-from tests.service.conftest import REPO, serve_gateway, wait_until
+from tests.service.conftest import serve_stack
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -35,15 +32,7 @@ def fuzzed_stack(
         "ATOMTUNE_MAX_ACTIVE_JOBS_PER_TENANT": "100000",
         "ATOMTUNE_MAX_WAIT_SECONDS": "1",
     }
-    log = tmp_path_factory.mktemp("logs") / "worker.log"
-    command = [sys.executable, "-m", "service.cli", "worker", "--queues", "generate", "--loglevel", "warning"]
-    worker = subprocess.Popen(command, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    db = connect(own_redis_url)
-    wait_until(lambda: bool(worker_registry.alive(db, 1.0)), 120, "the generation worker's heartbeat")
-    gateway = serve_gateway(env, tmp_path_factory)
-    yield next(gateway)
-    gateway.close()
-    stop_process(worker, signal.SIGQUIT)
+    yield from serve_stack(env, tmp_path_factory)
 
 
 @pytest.mark.timeout(900)

@@ -3,9 +3,6 @@ records when their time is up, counts them in the gateway's metrics, and leaves 
 A stack of its own (Redis, gateway, worker) with retention times of seconds."""
 
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.core import worker_registry
 from service.core.redis_db import connect
 from service.core.tenants import TenantStore
-from service.up import stop_process
-from tests.service.conftest import REPO, serve_gateway, wait_until
+from tests.service.conftest import serve_stack, wait_until
 
 UPLOADS_TTL, OUTPUTS_TTL, JOBS_TTL = 3, 5, 8
 
@@ -36,15 +31,8 @@ def short_lived(
         "ATOMTUNE_JOB_RETENTION_SECONDS": str(JOBS_TTL),
         "ATOMTUNE_RETENTION_SWEEP_SECONDS": "1",
     }
-    log = tmp_path_factory.mktemp("logs") / "worker.log"
-    command = [sys.executable, "-m", "service.cli", "worker", "--loglevel", "info"]
-    worker = subprocess.Popen(command, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    db = connect(own_redis_url)
-    wait_until(lambda: len(worker_registry.alive(db, 1.0)) == 2, 120, "both workers' heartbeats")
-    gateway = serve_gateway(env, tmp_path_factory)
-    yield next(gateway), env
-    gateway.close()
-    stop_process(worker, signal.SIGQUIT)
+    for gateway in serve_stack(env, tmp_path_factory, queues="generate,finetune"):
+        yield gateway, env
 
 
 def _removed(gateway: str) -> dict[str, float]:

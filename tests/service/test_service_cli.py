@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from service.core.redis_db import connect
 from service.core.worker_registry import base_shape
 from service.up import BUNDLED_DEMO_MODEL, MAX_RESTARTS, Supervised
+from tests.service.conftest import start_up
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,25 +74,10 @@ def test_up_starts_redis_gateway_and_worker_and_stops_them_on_ctrl_c(tmp_path: P
         "OMP_NUM_THREADS": "1",
     }
     env.pop("ATOMTUNE_BASE_MODEL", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "up"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    # Drain the output in a thread: the gateway's and worker's logs share the pipe.
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
-    reader.start()
+    stack = start_up(env)
+    process, lines, key = stack.process, stack.lines, stack.key
+    deadline = time.monotonic() + 180
     try:
-        deadline = time.monotonic() + 180
-        while not any(line.startswith("demo tenant key: ") for line in lines):
-            assert process.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.2)
-        key = next(line for line in lines if line.startswith("demo tenant key: ")).split(": ", 1)[1].strip()
         url = f"http://127.0.0.1:{http_port}"
         assert any(url in line for line in lines)
         assert httpx.get(f"{url}/readyz").status_code == 200
@@ -111,7 +96,6 @@ def test_up_starts_redis_gateway_and_worker_and_stops_them_on_ctrl_c(tmp_path: P
     finally:
         process.send_signal(signal.SIGINT)
         returncode = process.wait(90)
-    reader.join(5)
     assert returncode == 0, "".join(lines[-50:])
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=2)

@@ -4,9 +4,6 @@ message id, recorded on the job, never redirected; and URLs that lead to loopbac
 link-local or metadata addresses are refused at submission."""
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,11 +12,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service.core import worker_registry
 from service.core.redis_db import connect
 from service.core.tenants import TenantStore
-from service.up import stop_process
-from tests.service.conftest import REPO, Api, free_port, serve_gateway, wait_until
+from tests.service.conftest import Api, free_port, serve_stack, wait_until
 
 MAX_ATTEMPTS = 3
 
@@ -77,15 +72,7 @@ def hooked_stack(
         "ATOMTUNE_WEBHOOK_BACKOFF_SECONDS": "0.3",
         "ATOMTUNE_WEBHOOK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
     }
-    log = tmp_path_factory.mktemp("logs") / "worker.log"
-    command = [sys.executable, "-m", "service.cli", "worker", "--queues", "generate", "--loglevel", "info"]
-    worker = subprocess.Popen(command, env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    db = connect(own_redis_url)
-    wait_until(lambda: bool(worker_registry.alive(db, 1.0)), 120, "the generation worker's heartbeat")
-    gateway = serve_gateway(env, tmp_path_factory)
-    yield next(gateway)
-    gateway.close()
-    stop_process(worker, signal.SIGQUIT)
+    yield from serve_stack(env, tmp_path_factory)
 
 
 def _webhook_settled(api: httpx.Client, job_id: str) -> Callable[[], bool]:
