@@ -1,4 +1,5 @@
-"""Validation of uploaded training images: size in bytes, pixel count, real format, full decode."""
+"""Validation of uploaded training images (size in bytes, pixel count, real format, full decode),
+and heat maps laid over generated ones."""
 
 import io
 import warnings
@@ -50,3 +51,18 @@ def check_image(name: str, data: bytes, max_bytes: int, max_pixels: int) -> Chec
     except Exception:
         raise ApiError(415, "unsupported_image_format", f"{label} is not a readable PNG, JPEG or WebP image") from None
     return CheckedImage(data=data, extension=FORMATS[fmt])
+
+
+def overlay(image: Image.Image, grid: list[list[float]]) -> bytes:
+    """``grid`` (a map over the image's latent patches) as a red heat map over ``image``, a PNG:
+    the map scaled to its own maximum, upsampled smoothly to the image's size."""
+    peak = max((value for row in grid for value in row), default=0.0) or 1.0
+    heat = Image.new("L", (len(grid[0]), len(grid)))
+    heat.putdata([round(255 * value / peak) for row in grid for value in row])
+    heat = heat.resize(image.size, Image.Resampling.BILINEAR)
+    red = Image.new("RGB", image.size, (255, 0, 0))
+    # At most 70 % red where the map peaks, so the image stays readable under it.
+    alpha = heat.point(lambda level: level * 7 // 10)
+    out = io.BytesIO()
+    Image.composite(red, image.convert("RGB"), alpha).save(out, format="PNG")
+    return out.getvalue()

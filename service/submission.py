@@ -211,11 +211,16 @@ def _check_adapter(use: AdapterUseRequest, record: AdapterRecord, services: Serv
     if (status := record.status(job)) != "ready":
         raise ApiError(409, "adapter_not_ready", f"adapter '{record.id}' is {status}; wait until it is ready")
     if use.top_atoms is not None:
-        num_atoms = int(record.config["num_atoms"])
-        if use.top_atoms > num_atoms:
-            raise invalid(f"top_atoms must be at most the adapter's {num_atoms} atoms")
-        if read_atoms(services.storage.adapter_dir(record.tenant_id, record.id)) is None:
-            raise invalid(f"adapter '{record.id}' carries no atom importance, so top_atoms cannot rank its atoms")
+        _check_ranked(record, use.top_atoms, "top_atoms", services)
+
+
+def _check_ranked(record: AdapterRecord, count: int, option: str, services: Services) -> None:
+    """``option`` picks the adapter's ``count`` most important atoms: it needs that many, ranked."""
+    num_atoms = int(record.config["num_atoms"])
+    if count > num_atoms:
+        raise invalid(f"{option} must be at most the adapter's {num_atoms} atoms")
+    if read_atoms(services.storage.adapter_dir(record.tenant_id, record.id)) is None:
+        raise invalid(f"adapter '{record.id}' carries no atom importance, so {option} cannot rank its atoms")
 
 
 def _adapter_uses(request: GenerationRequest) -> list[AdapterUseRequest]:
@@ -250,10 +255,14 @@ def submit_generation(services: Services, tenant: Tenant, request: GenerationReq
     uses = _adapter_uses(request)
     if not uses and "adapter_guidance" in request.model_fields_set:
         raise invalid("adapter_guidance applies to an adapter; give adapter_id or adapters too")
+    if not uses and request.attribution is not None:
+        raise invalid("attribution maps an adapter's atoms; give adapter_id or adapters too")
     adapters = []
-    for use in uses:
+    for index, use in enumerate(uses):
         record = owned_adapter(use.id, tenant, services)
         _check_adapter(use, record, services)
+        if index == 0 and request.attribution is not None:
+            _check_ranked(record, request.attribution, "attribution", services)
         adapters.append(
             AdapterUse(
                 adapter_id=record.id,
@@ -268,6 +277,7 @@ def submit_generation(services: Services, tenant: Tenant, request: GenerationReq
         negative_prompt=request.negative_prompt,
         adapters=adapters,
         adapter_guidance=request.adapter_guidance,
+        attribution_atoms=request.attribution,
         num_images=request.num_images,
         steps=request.steps,
         guidance_scale=request.guidance_scale,

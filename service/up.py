@@ -46,7 +46,7 @@ BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 def _redis_answers(url: str) -> bool:
     try:
-        return bool(connect(url, retry=False).ping())
+        return bool(connect(url, retries=0).ping())
     except redis.RedisError:
         return False
 

@@ -35,9 +35,10 @@ from celery.signals import (
 from redis.exceptions import RedisError
 
 from service.core import worker_registry
+from service.core.contract import JobKind
 from service.core.jobs import JobStore
 from service.core.queue import TASKS, enqueue, make_celery
-from service.core.redis_db import connect
+from service.core.redis_db import WORKER_RESTART_RETRIES, connect
 from service.core.retention import sweep_if_due
 from service.core.settings import get_settings
 from service.core.storage import Storage
@@ -58,13 +59,14 @@ _stop_listening = threading.Event()
 
 
 def _heartbeat(name: str) -> None:
-    db = connect(settings.redis_url)
+    db = connect(settings.redis_url, WORKER_RESTART_RETRIES)
     jobs = JobStore(db)
     storage = Storage(settings.data_dir)
+    unsent: dict[str, tuple[JobKind, int]] = {}
     while True:
         try:
             worker_registry.beat(db, name)
-            recover_orphans(jobs, name)
+            recover_orphans(jobs, name, unsent)
             swept = sweep_if_due(db, storage, settings, name)
             if swept is not None and any(vars(swept).values()):
                 log.info("retention removed %s", swept)
@@ -75,25 +77,44 @@ def _heartbeat(name: str) -> None:
     worker_registry.leave(db, name)
 
 
-def recover_orphans(jobs: JobStore, name: str) -> None:
-    """Puts back every claimed job whose worker's heartbeat has stopped, each with a fresh message."""
+def recover_orphans(jobs: JobStore, name: str, unsent: dict[str, tuple[JobKind, int]]) -> None:
+    """Puts back every claimed job whose worker's heartbeat has stopped, each with a fresh message.
+
+    A recovered job is held by this worker until a message claims it, so nobody else recovers it
+    while this worker lives: a message it could not send (the broker down) stays in ``unsent``
+    and is sent again at every heartbeat until it goes out.
+    """
+    for job_id, (kind, delivery) in list(unsent.items()):
+        try:
+            enqueue(app, kind, job_id, delivery)
+        except Exception:
+            log.warning("queueing recovered job %s failed again; retrying at the next heartbeat", job_id)
+            return
+        del unsent[job_id]
+        log.warning("job %s lost its worker; queued it again (delivery %d)", job_id, delivery)
     cutoff = worker_registry.cutoff(settings.worker_heartbeat_seconds)
     for job_id in jobs.orphans(cutoff):
         try:
             recovered = jobs.recover(job_id, cutoff, name)
-            if recovered is not None:
-                kind, delivery = recovered
-                enqueue(app, kind, job_id, delivery)
-                log.warning("job %s lost its worker; queued it again (delivery %d)", job_id, delivery)
         except RedisError:
-            # This worker now holds the job; if it dies before sending, the next recovery finds it.
             log.warning("recovering job %s failed; retrying at the next heartbeat", job_id, exc_info=True)
+            continue
+        if recovered is None:
+            continue
+        kind, delivery = recovered
+        try:
+            enqueue(app, kind, job_id, delivery)
+        except Exception:
+            unsent[job_id] = recovered
+            log.warning("queueing recovered job %s failed; retrying at the next heartbeat", job_id, exc_info=True)
+            continue
+        log.warning("job %s lost its worker; queued it again (delivery %d)", job_id, delivery)
 
 
 @worker_ready.connect
 def _start_heartbeat(sender: Any, **_: Any) -> None:
     threading.Thread(target=_heartbeat, args=(sender.hostname,), name="heartbeat", daemon=True).start()
-    webhooks = (connect(settings.redis_url), settings, _stop_heartbeat)
+    webhooks = (connect(settings.redis_url, WORKER_RESTART_RETRIES), settings, _stop_heartbeat)
     threading.Thread(target=deliver_webhooks, args=webhooks, name="webhooks", daemon=True).start()
 
 

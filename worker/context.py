@@ -10,7 +10,7 @@ import redis
 
 from service.core.catalog import AdapterCatalog
 from service.core.jobs import JobStore
-from service.core.redis_db import connect
+from service.core.redis_db import WORKER_RESTART_RETRIES, connect
 from service.core.settings import Settings, get_settings
 from service.core.storage import Storage
 from service.core.worker_registry import publish_base
@@ -88,4 +88,4 @@ def _discard(runtime: Runtime, adapter_ids: Iterable[str]) -> None:
 def context() -> WorkerContext:
     """The pool process's context, built on first use."""
     settings = get_settings()
-    return WorkerContext(settings, connect(settings.redis_url))
+    return WorkerContext(settings, connect(settings.redis_url, WORKER_RESTART_RETRIES))

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -39,6 +40,7 @@ from adapters import SampleRoute, SparseDictionaryAdapter, guided_routes
 from service.core.contract import AtomMaskSpec, CacheTier, GenerateParams, JobError
 from service.core.jobs import JobStore
 from service.core.settings import Settings
+from worker.attribution import AtomAttribution
 from worker.cache import CacheFull
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
@@ -79,6 +81,8 @@ class Finished:
     """Where each of its adapters was found."""
     batch_size: int
     admitted_at: float
+    attribution: dict[str, Any] | None = None
+    """Its first adapter's attribution maps (``AtomAttribution.result``), when it asked for them."""
     """Wall-clock time of its first step."""
 
 
@@ -91,6 +95,8 @@ class Request:
     """A loader for each of its adapters."""
     ticket: Ticket
     size: tuple[int, int]
+    grid: tuple[int, int]
+    """Its latent patches, (rows, columns): the image tokens of the transformer."""
     tokens: int
     guided: bool
     latents: torch.Tensor
@@ -105,6 +111,7 @@ class Request:
     pinned: list[str] = field(default_factory=list)
     """Its adapters pinned in the device cache while it runs."""
     tiers: dict[str, CacheTier] = field(default_factory=dict)
+    attribution: AtomAttribution | None = None
     batch_size: int = 0
     admitted_at: float = 0.0
     stop: BaseException | None = None
@@ -208,6 +215,7 @@ class GenerationScheduler:
             loads=loads,
             ticket=ticket,
             size=(height, width),
+            grid=(height // scale // patch, width // scale // patch),
             tokens=(height // scale // patch) * (width // scale // patch),
             guided=guided,
             latents=latents * noise_scheduler.init_noise_sigma,
@@ -348,10 +356,35 @@ class GenerationScheduler:
         except BaseException:
             self._unpin(request)
             raise
+        if params.attribution_atoms is not None:
+            first = self.runtime.host.get(params.adapters[0].adapter_id)
+            request.attribution = AtomAttribution.of(first, params.attribution_atoms, self.runtime.host.num_heads)
         route = SampleRoute.compose(uses)
         routes = [route] * params.num_images
         # The pipeline runs classifier-free guidance only above a scale of 1.
         return guided_routes(routes, params.adapter_guidance) if request.guided else routes
+
+    def _observe_attribution(self, group: list[Request]) -> AbstractContextManager[object]:
+        """While the step runs, hands each attributing request the coefficients of its rows that its
+        adapter acts on (the guidance branch it was routed to)."""
+        spans = []
+        start = 0
+        for request in group:
+            if request.attribution is not None:
+                images = request.params.num_images
+                # Guided rows are [unconditional; conditional]; ``both`` is read on the conditional half.
+                first = images if request.guided and request.params.adapter_guidance != "unconditional" else 0
+                spans.append((start + first, images, request.attribution))
+            start += request.rows
+        if not spans:
+            return nullcontext()
+        heads = self.runtime.host.num_heads
+
+        def observe(block: int, coefficients: torch.Tensor) -> None:
+            for first, images, attribution in spans:
+                attribution.observe(block, coefficients[first : first + images], heads)
+
+        return self.runtime.host.add_observer(observe)
 
     def _unpin(self, request: Request) -> None:
         for adapter_id in request.pinned:
@@ -392,7 +425,8 @@ class GenerationScheduler:
         adapters = len({use.adapter for route in routes for use in route.uses()})
         for request in group:
             request.batch_size = max(request.batch_size, rows)
-        with self.runtime.host.route(routes), self.metrics.denoising_step(rows, len(group), adapters):
+        observing = self._observe_attribution(group)
+        with self.runtime.host.route(routes), observing, self.metrics.denoising_step(rows, len(group), adapters):
             output = transformer(
                 torch.cat(inputs),
                 encoder_hidden_states=embeds,
@@ -422,9 +456,7 @@ class GenerationScheduler:
         """Writes every request's progress in one round trip; the replies carry cancel flags."""
         if not group:
             return
-        updates = [
-            (r.ticket.job_id, r.ticket.tenant_id, r.ticket.attempt, r.index, r.params.steps) for r in group
-        ]
+        updates = [(r.ticket.job_id, r.ticket.tenant_id, r.ticket.attempt, r.index, r.params.steps) for r in group]
         now = time.monotonic()
         try:
             replies = self.jobs.progress_many(updates)
@@ -457,9 +489,14 @@ class GenerationScheduler:
                 request.future.set_exception(request.stop)
             else:
                 request.future.set_result(
-                    Finished(request.latents, request.tiers, request.batch_size, request.admitted_at)
+                    Finished(
+                        request.latents,
+                        request.tiers,
+                        request.batch_size,
+                        request.admitted_at,
+                        None if request.attribution is None else request.attribution.result(request.grid),
+                    )
                 )
         for size in [size for size, members in self._groups.items() if not members]:
             del self._groups[size]
         self._batched = None
-

@@ -7,6 +7,7 @@ a redelivered half-done job starts over, writing its files into fresh temporary 
 replace the final ones when complete.
 """
 
+import json
 import logging
 import os
 import time
@@ -41,7 +42,7 @@ from service.core.contract import (
     JobResult,
 )
 from service.core.jobs import Job, JobStore
-from service.core.storage import ADAPTER_SUBDIR, write_atoms
+from service.core.storage import ADAPTER_SUBDIR, ATTRIBUTION_FILE, write_atoms
 from worker.context import WorkerContext, context
 from worker.runtime import BaseModelMissing, Runtime
 from worker.scheduler import AdapterLoader, JobCancelled, Superseded, Ticket
@@ -225,6 +226,8 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> GenerateResult
     with ctx.storage.replacing(ctx.storage.outputs_dir(job.tenant_id, job.id)) as tmp:
         for index, image in enumerate(images):
             image.save(tmp / f"{index}.png")
+        if finished.attribution is not None:
+            (tmp / ATTRIBUTION_FILE).write_text(json.dumps(finished.attribution))
     applied = [
         AppliedAdapter(adapter_id=use.adapter_id, scale=use.scale, tier=finished.tiers[use.adapter_id])
         for use in params.adapters
@@ -235,6 +238,7 @@ def generate(ctx: WorkerContext, job: Job, reporter: Reporter) -> GenerateResult
         adapter_tier=max((a.tier for a in applied), key=CACHE_TIERS.index, default=None),
         adapters=applied,
         batch_size=finished.batch_size,
+        attribution=finished.attribution is not None,
     )
 
 

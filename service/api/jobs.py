@@ -1,15 +1,21 @@
+import json
 from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Annotated
+from pathlib import Path as FilePath
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from PIL import Image
 
 from service.api.deps import JobDep, ServicesDep, StreamSlotDep
-from service.api.schemas import ErrorResponse, JobOut, Progress
+from service.api.schemas import AttributionOut, ErrorResponse, JobOut, Progress
+from service.context import Services
 from service.core.contract import GenerateResult, parse_result
+from service.core.jobs import Job
 from service.errors import ApiError, not_found
+from service.images import overlay
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 429, 503)}
@@ -63,8 +69,57 @@ def get_image(job: JobDep, services: ServicesDep, index: Annotated[int, Path(ge=
     result = parse_result(job.kind, job.result) if job.result is not None else None
     if not isinstance(result, GenerateResult) or job.status != "succeeded" or index >= result.image_count:
         raise not_found("image", f"{job.id}/images/{index}")
-    image = services.storage.output_image(job.tenant_id, job.id, index)
-    if not image.exists():
-        hours = services.settings.output_retention_seconds / 3600
-        raise ApiError(410, "expired", f"the images of job '{job.id}' were removed {hours:g} h after it ended")
+    image = _kept(services.storage.output_image(job.tenant_id, job.id, index), job, services)
     return FileResponse(image, media_type="image/png")
+
+
+def _kept(path: FilePath, job: Job, services: Services) -> FilePath:
+    """A file of the job's outputs; 410 once retention removed them."""
+    if not path.exists():
+        hours = services.settings.output_retention_seconds / 3600
+        raise ApiError(410, "expired", f"the outputs of job '{job.id}' were removed {hours:g} h after it ended")
+    return path
+
+
+def _attribution(job: Job, services: Services) -> dict[str, Any]:
+    result = parse_result(job.kind, job.result) if job.result is not None else None
+    if not isinstance(result, GenerateResult) or not result.attribution:
+        raise not_found("attribution", job.id)
+    return json.loads(_kept(services.storage.attribution(job.tenant_id, job.id), job, services).read_text())
+
+
+@router.get("/{job_id}/attribution", response_model=AttributionOut, responses={**ERRORS, 410: {"model": ErrorResponse}})
+def get_attribution(job: JobDep, services: ServicesDep) -> AttributionOut:
+    """Where the most important atoms of each adapted block act: per image, |s_j|·‖D_j‖ per latent
+    patch averaged over the steps, and the adapter's whole effect (`total`); overlays as PNGs."""
+    maps = _attribution(job, services)
+    return AttributionOut(**maps, overlay=f"/v1/jobs/{job.id}/attribution/{{image}}/{{block}}/{{atom}}.png")
+
+
+@router.get(
+    "/{job_id}/attribution/{index}/{block}/{atom}.png",
+    response_class=Response,
+    responses={**ERRORS, 410: {"model": ErrorResponse}, 200: {"content": {"image/png": {}}}},
+)
+def get_attribution_overlay(
+    job: JobDep,
+    services: ServicesDep,
+    index: Annotated[int, Path(ge=0)],
+    block: Annotated[int, Path(ge=0)],
+    atom: Annotated[str, Path(pattern=r"^(total|\d{1,5})$", description="An atom's index, or `total`")],
+) -> Response:
+    """The image with one atom's map (or the adapter's whole effect) laid over it as a heat map."""
+    maps = _attribution(job, services)
+    found = next((entry for entry in maps["blocks"] if entry["block"] == block), None)
+    if found is None:
+        raise not_found("attribution block", f"{job.id}/{block}")
+    if atom == "total":
+        grids = found["total"]
+    else:
+        grids = next((entry["maps"] for entry in found["atoms"] if entry["atom"] == int(atom)), None)
+        if grids is None:
+            raise not_found("attribution atom", f"{job.id}/{block}/{atom}")
+    if index >= len(grids):
+        raise not_found("image", f"{job.id}/images/{index}")
+    image = Image.open(_kept(services.storage.output_image(job.tenant_id, job.id, index), job, services))
+    return Response(overlay(image, grids[index]), media_type="image/png")

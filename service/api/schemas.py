@@ -168,6 +168,9 @@ class AtomMask(BaseModel):
     )
 
 
+MAX_ATTRIBUTION_ATOMS = 8
+
+
 class AdapterUseRequest(BaseModel):
     """One of the adapters a generation composes."""
 
@@ -194,6 +197,13 @@ class GenerationRequest(BaseModel):
     density: float | None = Field(default=None, gt=0, le=1, description="Overrides the adapter's density")
     atom_mask: AtomMask | None = None
     top_atoms: StrictInt | None = Field(default=None, ge=1, description="Keep the K most important atoms per block")
+    attribution: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_ATTRIBUTION_ATOMS,
+        description="Record where the K most important atoms of every adapted block (of the first adapter) act: "
+        "maps at `GET /v1/jobs/{id}/attribution`",
+    )
     adapters: list[AdapterUseRequest] | None = Field(
         default=None,
         min_length=1,
@@ -242,6 +252,7 @@ class JobResult(BaseModel):
     adapters: list[AppliedAdapterOut] | None = Field(
         default=None, description="Generation: the adapters applied, in order, and where each was found"
     )
+    attribution: str | None = Field(default=None, description="Generation: the URL of its attribution maps")
 
 
 class WebhookAttemptOut(BaseModel):
@@ -288,6 +299,7 @@ class JobOut(BaseModel):
                     adapter_tier=stored.adapter_tier,
                     batch_size=stored.batch_size,
                     adapters=[AppliedAdapterOut(id=a.adapter_id, scale=a.scale, tier=a.tier) for a in stored.adapters],
+                    attribution=f"/v1/jobs/{job.id}/attribution" if stored.attribution else None,
                 )
         error = None
         if job.error_code:
@@ -316,6 +328,23 @@ class JobOut(BaseModel):
                 ],
             ),
         )
+
+
+class AtomMapOut(BaseModel):
+    atom: int
+    maps: list[list[list[float]]] = Field(description="Per image, rows × columns of latent patches")
+
+
+class BlockAttributionOut(BaseModel):
+    block: int
+    total: list[list[list[float]]] = Field(description="Per image, the adapter's whole effect (every atom)")
+    atoms: list[AtomMapOut] = Field(description="The block's most important atoms, most important first")
+
+
+class AttributionOut(BaseModel):
+    grid: list[int] = Field(description="Rows and columns of the maps (the image's latent patches)")
+    blocks: list[BlockAttributionOut]
+    overlay: str = Field(description="URL template of a map laid over its image as a PNG (`atom` may be `total`)")
 
 
 class WebhookSecret(BaseModel):

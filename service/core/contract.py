@@ -147,6 +147,8 @@ class GenerateParams(Message):
     adapters: list[AdapterUse]
     """Empty for the base model; several are composed, their updates added up."""
     adapter_guidance: GuidanceBranch
+    attribution_atoms: int | None = None
+    """Record where the K most important atoms of every block of the first adapter act."""
     num_images: int
     steps: int
     guidance_scale: float
@@ -185,6 +187,8 @@ class GenerateResult(Message):
     """The coldest tier its adapters were found in; None without an adapter."""
     adapters: list[AppliedAdapter]
     """What was applied, in order."""
+    attribution: bool = False
+    """Whether its outputs hold attribution maps."""
     batch_size: int
     """The most rows (of every request in the batch, this one's included) in one of its denoising
     steps; classifier-free guidance gives a request two rows per image."""

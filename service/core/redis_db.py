@@ -8,8 +8,10 @@ from redis.retry import Retry
 
 PREFIX = "atomtune"
 # A call that finds Redis gone retries for about 3 s (0.1, 0.2, 0.4, then 0.5 s apart), which rides
-# through a restart, before it fails (the gateway answers 503).
+# through a restart, before it fails (the gateway answers 503). A worker waits about 30 s: a job
+# whose claim or end it cannot record must put its message back, which needs Redis too.
 RESTART_RETRIES = 8
+WORKER_RESTART_RETRIES = 64
 RESTART_BACKOFF_CAP_SECONDS = 0.5
 RESTART_BACKOFF_BASE_SECONDS = 0.1
 
@@ -18,10 +20,9 @@ def _backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=RESTART_BACKOFF_CAP_SECONDS, base=RESTART_BACKOFF_BASE_SECONDS)
 
 
-def connect(url: str, retry: bool = True) -> redis.Redis:
-    """``retry=False`` for a quick yes or no (is anything listening?)."""
-    retries = Retry(_backoff(), RESTART_RETRIES if retry else 0)
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=retries)
+def connect(url: str, retries: int = RESTART_RETRIES) -> redis.Redis:
+    """``retries=0`` for a quick yes or no (is anything listening?)."""
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, retry=Retry(_backoff(), retries))
 
 
 def connect_async(url: str) -> aioredis.Redis:

@@ -17,6 +17,8 @@ from service.core.ids import is_valid_id, new_id
 
 ADAPTER_SUBDIR = "adapter"
 ATOMS_FILE = "atoms.json"
+ATTRIBUTION_FILE = "attribution.json"
+"""Beside a generation's images, when it asked for attribution maps."""
 
 
 class Storage:
@@ -40,6 +42,9 @@ class Storage:
 
     def output_image(self, tenant_id: str, job_id: str, index: int) -> Path:
         return self.outputs_dir(tenant_id, job_id) / f"{index}.png"
+
+    def attribution(self, tenant_id: str, job_id: str) -> Path:
+        return self.outputs_dir(tenant_id, job_id) / ATTRIBUTION_FILE
 
     @contextmanager
     def replacing(self, target: Path) -> Iterator[Path]:
