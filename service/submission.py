@@ -31,7 +31,7 @@ from service.core.queue import enqueue
 from service.core.storage import read_atoms
 from service.core.tenants import Tenant
 from service.core.webhooks import WebhookRefused, check_url
-from service.core.worker_registry import base_shape
+from service.core.worker_registry import BaseShape, base_shape
 from service.errors import ApiError, invalid
 from service.images import MAX_IMAGES, CheckedImage, check_image
 from service.metrics import JOBS_SUBMITTED
@@ -48,21 +48,19 @@ UNPUBLISHED_MAX_SIDE = 1024
 """The largest side accepted before any worker has published the base (PixArt-Σ's own size)."""
 
 
-def native_side(services: Services) -> int:
+def native_side(base: BaseShape | None) -> int:
     """The side the served base was trained at, as its workers publish it."""
-    base = base_shape(services.db)
     return base.sample_size if base is not None and base.sample_size else UNPUBLISHED_MAX_SIDE
 
 
-def check_side(name: str, value: int | None, services: Services) -> None:
-    max_side = services.settings.max_resolution or native_side(services)
+def check_side(name: str, value: int | None, native: int, services: Services) -> None:
+    max_side = services.settings.max_resolution or native
     if value is not None and (value > max_side or value % SIDE_MULTIPLE):
         raise invalid(f"{name} must be a multiple of {SIDE_MULTIPLE} and at most {max_side}")
 
 
-def check_cost(request: GenerationRequest, services: Services) -> None:
+def check_cost(request: GenerationRequest, native: int, services: Services) -> None:
     """Bounds what one generation may hold a worker for: images x steps x pixels."""
-    native = native_side(services)
     pixels = (request.width or native) * (request.height or native)
     cost = request.num_images * request.steps * pixels / native**2
     budget = services.settings.max_image_steps
@@ -132,11 +130,11 @@ def submit_finetune(services: Services, tenant: Tenant, form: TrainingForm) -> t
     settings = services.settings
     if not 1 <= len(images) <= MAX_IMAGES:
         raise invalid(f"send 1-{MAX_IMAGES} images in the 'images' field; got {len(images)}")
-    check_side("resolution", form.resolution, services)
+    base = base_shape(services.db)
+    check_side("resolution", form.resolution, native_side(base), services)
     check_webhook(form.webhook_url, services)
     if form.captions is not None and len(form.captions) != len(images):
         raise invalid(f"send one caption per image: {len(form.captions)} captions for {len(images)} images")
-    base = base_shape(services.db)
     # Until a worker has published the base, the engine's own check fails the job instead.
     if base is not None and form.atoms % base.num_heads:
         raise invalid(f"atoms ({form.atoms}) must be a multiple of the base model's {base.num_heads} attention heads")
@@ -248,9 +246,10 @@ def _adapter_uses(request: GenerationRequest) -> list[AdapterUseRequest]:
 
 def submit_generation(services: Services, tenant: Tenant, request: GenerationRequest) -> str:
     """Checks the request against its adapters and queues the generation; returns the job id."""
-    check_side("width", request.width, services)
-    check_side("height", request.height, services)
-    check_cost(request, services)
+    native = native_side(base_shape(services.db))
+    check_side("width", request.width, native, services)
+    check_side("height", request.height, native, services)
+    check_cost(request, native, services)
     check_webhook(request.webhook_url, services)
     uses = _adapter_uses(request)
     if not uses and "adapter_guidance" in request.model_fields_set:

@@ -81,9 +81,9 @@ class Finished:
     """Where each of its adapters was found."""
     batch_size: int
     admitted_at: float
+    """Wall-clock time of its first step."""
     attribution: dict[str, Any] | None = None
     """Its first adapter's attribution maps (``AtomAttribution.result``), when it asked for them."""
-    """Wall-clock time of its first step."""
 
 
 @dataclass(eq=False)
@@ -97,7 +97,6 @@ class Request:
     size: tuple[int, int]
     grid: tuple[int, int]
     """Its latent patches, (rows, columns): the image tokens of the transformer."""
-    tokens: int
     guided: bool
     latents: torch.Tensor
     embeds: torch.Tensor
@@ -115,6 +114,10 @@ class Request:
     batch_size: int = 0
     admitted_at: float = 0.0
     stop: BaseException | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
 
     @property
     def rows(self) -> int:
@@ -216,7 +219,6 @@ class GenerationScheduler:
             ticket=ticket,
             size=(height, width),
             grid=(height // scale // patch, width // scale // patch),
-            tokens=(height // scale // patch) * (width // scale // patch),
             guided=guided,
             latents=latents * noise_scheduler.init_noise_sigma,
             embeds=embeds,

@@ -9,7 +9,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from service.api.deps import ServicesDep, SubmissionRateDep, TenantDep
 from service.api.schemas import GenerationRequest, PlainText
@@ -110,9 +110,13 @@ async def create_image(
     """Generate images (OpenAI's `images.generate`); `model` may be one of your adapters."""
     adapter_id = await run_in_threadpool(_adapter_id, body.model, tenant, services)
     width, height = _side(body.size)
-    request = GenerationRequest(
-        prompt=body.prompt, adapter_id=adapter_id, num_images=body.n, width=width, height=height
-    )
+    try:
+        request = GenerationRequest(
+            prompt=body.prompt, adapter_id=adapter_id, num_images=body.n, width=width, height=height
+        )
+    except ValidationError as exc:
+        # Only the size can break the generation's own bounds: the rest is ImageRequest's.
+        raise invalid(f"size {body.size!r}: {exc.errors()[0]['msg']}") from None
     wait = services.settings.max_wait_seconds
     async with services.stream_slots.hold(tenant.id):
         job_id = await run_in_threadpool(submit_generation, services, tenant, request)

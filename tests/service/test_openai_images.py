@@ -61,6 +61,8 @@ def test_the_openai_client_generates_with_an_adapter_as_its_model(
     with pytest.raises(openai.BadRequestError) as bad_size:
         client.images.generate(model=adapter_id, prompt="x", size="big")
     assert "WIDTHxHEIGHT" in bad_size.value.message
+    with pytest.raises(openai.BadRequestError, match="greater than or equal to 16"):
+        client.images.generate(model=adapter_id, prompt="x", size="8x8")
     with pytest.raises(openai.BadRequestError, match="n"):
         client.images.generate(model=adapter_id, prompt="x", n=9)
     with pytest.raises(openai.AuthenticationError):
