@@ -14,7 +14,9 @@ to put their messages back, and Redis returns an unacknowledged message only aft
 timeout (longer than the longest job). So every worker, at each heartbeat, looks for claimed jobs
 whose holder's heartbeat has stopped, and puts each back with a new message under the next
 delivery number (``JobStore.recover``); a claim refuses any message with an older number, so the
-dead worker's own message, when Redis finally returns it, never runs the job a second time.
+dead worker's own message, when Redis finally returns it, never runs the job a second time. A
+job whose message the broker lost altogether (or whose recovery could not send one) is sent again
+by the reconciler (``service.core.reconciler``), at the heartbeat too.
 """
 
 import logging
@@ -35,9 +37,9 @@ from celery.signals import (
 from redis.exceptions import RedisError
 
 from service.core import worker_registry
-from service.core.contract import JobKind
 from service.core.jobs import JobStore
 from service.core.queue import TASKS, enqueue, make_celery
+from service.core.reconciler import resend_lost
 from service.core.redis_db import WORKER_RESTART_RETRIES, connect
 from service.core.retention import sweep_if_due
 from service.core.settings import get_settings
@@ -62,11 +64,12 @@ def _heartbeat(name: str) -> None:
     db = connect(settings.redis_url, WORKER_RESTART_RETRIES)
     jobs = JobStore(db)
     storage = Storage(settings.data_dir)
-    unsent: dict[str, tuple[JobKind, int]] = {}
     while True:
         try:
             worker_registry.beat(db, name)
-            recover_orphans(jobs, name, unsent)
+            recover_orphans(jobs, name)
+            for job_id in resend_lost(app, jobs, settings, name):
+                log.warning("job %s was queued but its message was lost; sent it again", job_id)
             swept = sweep_if_due(db, storage, settings, name)
             if swept is not None and any(vars(swept).values()):
                 log.info("retention removed %s", swept)
@@ -77,21 +80,13 @@ def _heartbeat(name: str) -> None:
     worker_registry.leave(db, name)
 
 
-def recover_orphans(jobs: JobStore, name: str, unsent: dict[str, tuple[JobKind, int]]) -> None:
+def recover_orphans(jobs: JobStore, name: str) -> None:
     """Puts back every claimed job whose worker's heartbeat has stopped, each with a fresh message.
 
     A recovered job is held by this worker until a message claims it, so nobody else recovers it
-    while this worker lives: a message it could not send (the broker down) stays in ``unsent``
-    and is sent again at every heartbeat until it goes out.
+    while this worker lives; a message it could not send (the broker down) is the reconciler's to
+    send again.
     """
-    for job_id, (kind, delivery) in list(unsent.items()):
-        try:
-            enqueue(app, kind, job_id, delivery)
-        except Exception:
-            log.warning("queueing recovered job %s failed again; retrying at the next heartbeat", job_id)
-            return
-        del unsent[job_id]
-        log.warning("job %s lost its worker; queued it again (delivery %d)", job_id, delivery)
     cutoff = worker_registry.cutoff(settings.worker_heartbeat_seconds)
     for job_id in jobs.orphans(cutoff):
         try:
@@ -105,8 +100,7 @@ def recover_orphans(jobs: JobStore, name: str, unsent: dict[str, tuple[JobKind, 
         try:
             enqueue(app, kind, job_id, delivery)
         except Exception:
-            unsent[job_id] = recovered
-            log.warning("queueing recovered job %s failed; retrying at the next heartbeat", job_id, exc_info=True)
+            log.warning("queueing recovered job %s failed; the reconciler sends it later", job_id, exc_info=True)
             continue
         log.warning("job %s lost its worker; queued it again (delivery %d)", job_id, delivery)
 

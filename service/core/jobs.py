@@ -21,6 +21,7 @@ from service.core.redis_db import (
     ENDED_JOBS_KEY,
     ENDED_OUTPUTS_KEY,
     ENDED_UPLOADS_KEY,
+    QUEUED_JOBS_KEY,
     WEBHOOKS_DUE_KEY,
     WORKERS_KEY,
     job_events_key,
@@ -118,6 +119,7 @@ local function terminate(status, code, message)
   end
   redis.call('SREM', KEYS[3], ARGV[2])
   redis.call('SREM', KEYS[4], ARGV[2])
+  redis.call('ZREM', '{QUEUED_JOBS_KEY}', ARGV[2])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', status)
   redis.call('EXPIRE', KEYS[2], {FINISHED_EVENTS_TTL_SECONDS})
   -- What retention removes later: the record, and the files the job leaves.
@@ -160,6 +162,9 @@ end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker_pid', ARGV[3],
            'worker', ARGV[6], 'step', 0, 'loss', '')
 redis.call('SADD', KEYS[4], ARGV[2])
+redis.call('ZREM', '"""
+    + QUEUED_JOBS_KEY
+    + """', ARGV[2])
 -- A claim is a heartbeat too, so no recovery can take the job from a worker before its first beat.
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[5], 'GT', ARGV[1], ARGV[6]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', """
@@ -202,6 +207,7 @@ if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', 'queued')
 redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZADD', '{QUEUED_JOBS_KEY}', redis.call('HGET', KEYS[1], 'queued_at'), ARGV[2])
 return 1
 """
 
@@ -249,8 +255,23 @@ local holder = redis.call('HGET', KEYS[1], 'worker') or ''
 local beat = redis.call('ZSCORE', KEYS[5], holder)
 if beat and tonumber(beat) >= tonumber(ARGV[3]) then return -1 end
 local delivery = redis.call('HINCRBY', KEYS[1], 'delivery', 1)
-redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'step', 0, 'loss', '')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'step', 0, 'loss', '', 'queued_at', ARGV[1])
+redis.call('ZADD', '{QUEUED_JOBS_KEY}', ARGV[1], ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', 'queued')
+return delivery
+"""
+
+# KEYS[1] = the job hash. ARGV[1] = now, ARGV[2] = job id, ARGV[3] = the delivery number whose
+# message was lost. A job still queued under that number gets the next one, so a message sent
+# before, should it turn up after all, is refused by the claim.
+_REQUEUE = f"""
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued'
+   or tonumber(redis.call('HGET', KEYS[1], 'delivery') or '0') ~= tonumber(ARGV[3]) then
+  return -1
+end
+local delivery = redis.call('HINCRBY', KEYS[1], 'delivery', 1)
+redis.call('HSET', KEYS[1], 'queued_at', ARGV[1])
+redis.call('ZADD', '{QUEUED_JOBS_KEY}', ARGV[1], ARGV[2])
 return delivery
 """
 
@@ -267,6 +288,7 @@ class JobStore:
         self._create = db.register_script(_CREATE)
         self._abandon = db.register_script(_ABANDON)
         self._recover = db.register_script(_RECOVER)
+        self._requeue = db.register_script(_REQUEUE)
 
     def _keys(self, job_id: str, tenant_id: str) -> list[str]:
         return [job_key(job_id), job_events_key(job_id), tenant_active_jobs_key(tenant_id), CLAIMED_JOBS_KEY]
@@ -345,6 +367,25 @@ class JobStore:
         if delivery < 0:
             return None
         return self.db.hget(job_key(job_id), "kind"), delivery  # type: ignore[return-value]
+
+    def queued_before(self, cutoff: float) -> dict[str, tuple[JobKind, int]]:
+        """Jobs queued since before ``cutoff`` (a timestamp) and still queued: id → kind and delivery number."""
+        job_ids = self.db.zrangebyscore(QUEUED_JOBS_KEY, "-inf", cutoff)
+        with self.db.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(job_key(job_id), "status", "kind", "delivery")
+            fields = pipe.execute()
+        return {
+            job_id: (kind, int(delivery or 0))
+            for job_id, (status, kind, delivery) in zip(job_ids, fields, strict=True)
+            if status == "queued"
+        }
+
+    def requeue(self, job_id: str, lost_delivery: int) -> int | None:
+        """Gives a queued job whose message under ``lost_delivery`` was lost the next delivery number,
+        which its new message must carry; None when the job moved on meanwhile."""
+        delivery = int(self._requeue(keys=[job_key(job_id)], args=[time.time(), job_id, lost_delivery]))
+        return None if delivery < 0 else delivery
 
     def progress(self, job_id: str, attempt: int, step: int, total: int, loss: float | None = None) -> str:
         """Records progress. Returns '1' if cancellation was requested, 'stale' if this run was superseded."""

@@ -5,10 +5,15 @@ The settings are the ones that keep jobs: a message is acknowledged only after i
 (so tasks must be idempotent), a lost worker process puts it back, each process reserves one
 message at a time, and Redis waits longer than the longest job before handing an unacknowledged
 message to someone else. Messages carry only a job id; everything else is read from the job's
-record (``service.core.contract`` types it).
+record (``service.core.contract`` types it). Each message's task id names its job and delivery
+number (``message_id``), so what the broker holds can be read back (``messages_held``).
 """
 
+import json
+
+import redis
 from celery import Celery
+from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from service.core.contract import JobKind
 from service.core.settings import Settings
@@ -44,6 +49,29 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def message_id(job_id: str, delivery: int) -> str:
+    return f"{job_id}.{delivery}"
+
+
 def enqueue(app: Celery, kind: JobKind, job_id: str, delivery: int = 0) -> None:
     """Sends the job's message; ``delivery`` is the job's delivery number (0 until a recovery resends it)."""
-    app.send_task(TASKS[kind], args=[job_id, delivery], queue=QUEUES[kind])
+    app.send_task(TASKS[kind], args=[job_id, delivery], queue=QUEUES[kind], task_id=message_id(job_id, delivery))
+
+
+def messages_held(db: redis.Redis) -> set[str]:
+    """The task ids of every message the broker holds: waiting in a queue (at any priority), or
+    delivered to a worker and not yet acknowledged. One transaction, so a message moving from its
+    queue to the unacknowledged ones is seen in one place or the other.
+
+    This reads kombu's Redis layout (a list per queue and priority, a hash of unacknowledged
+    messages), which ``tests/service/test_reconciler.py`` checks against real deliveries."""
+    lists = [
+        queue if not step else f"{queue}{Channel.sep}{step}" for queue in QUEUES.values() for step in PRIORITY_STEPS
+    ]
+    with db.pipeline(transaction=True) as pipe:
+        for key in lists:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(Channel.unacked_key)
+        *waiting, unacked = pipe.execute()
+    held = {json.loads(raw)["headers"]["id"] for queue in waiting for raw in queue}
+    return held | {json.loads(raw)[0]["headers"]["id"] for raw in unacked}

@@ -98,6 +98,12 @@ WORKERS_KEY = f"{PREFIX}:workers"
 # Jobs a worker has claimed (running, or put back by a recovery and not yet claimed again): the set a
 # worker scans for jobs whose claiming worker's heartbeat has stopped.
 CLAIMED_JOBS_KEY = f"{PREFIX}:claimed_jobs"
+# Jobs waiting for a worker (status queued), scored by when they were queued: where the reconciler
+# looks for jobs whose message the broker lost (``service.core.reconciler``).
+QUEUED_JOBS_KEY = f"{PREFIX}:queued_jobs"
+MISSING_MESSAGES_KEY = f"{PREFIX}:reconciler:missing"
+"""Queued jobs one check found no message for: job id → the delivery number that was missing."""
+RECONCILER_LOCK_KEY = f"{PREFIX}:reconciler:lock"
 BASE_MODEL_KEY = f"{PREFIX}:base_model"
 # Retention: what ended when (sorted sets scored by the end time), for the sweep to remove when due:
 # job ids, "<tenant>/<job>" of generations' images, "<tenant>/<adapter>" of fine-tunes' uploads.

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     job_time_limit_seconds: int = Field(default=3600, ge=10)
     max_job_attempts: int = Field(default=3, ge=1)
     worker_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    lost_message_seconds: float = Field(
+        default=30.0, gt=0, description="A job queued this long with no message in the broker is sent again"
+    )
 
     @model_validator(mode="after")
     def _images_go_with_their_job(self) -> "Settings":

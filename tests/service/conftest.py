@@ -117,6 +117,8 @@ def service_env(redis_url: str, base_model: str, tmp_path_factory: pytest.TempPa
         "ATOMTUNE_RATE_LIMIT_REQUESTS": "100000/minute",
         "ATOMTUNE_RATE_LIMIT_SUBMISSIONS": "100000/minute",
         "ATOMTUNE_RATE_LIMIT_AUTH_FAILURES": "100000/minute",
+        # Tests keep jobs queued with no message on purpose (the reconciler has a test of its own).
+        "ATOMTUNE_LOST_MESSAGE_SECONDS": "3600",
         # Each process gets one thread: the machine's two cores are shared with the test process.
         "OMP_NUM_THREADS": "1",
     }

@@ -1,0 +1,133 @@
+"""The reconciler: a queued job whose message the broker lost is sent again, once, and only then.
+
+The broker scan is checked against real kombu deliveries (a message waiting in its queue, one
+delivered and not acknowledged, one acknowledged), the two-checks rule and the fencing of the old
+delivery number against a real Redis, and the whole path with a real worker: a job recorded with
+no message (as after a Redis restart that lost its last writes) runs, exactly once.
+"""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from service.core.contract import GenerateParams
+from service.core.ids import new_id
+from service.core.jobs import JobStore
+from service.core.queue import GENERATE_QUEUE, enqueue, make_celery, message_id, messages_held
+from service.core.reconciler import resend_lost
+from service.core.redis_db import RECONCILER_LOCK_KEY, connect, job_events_key
+from service.core.settings import Settings
+from service.core.tenants import TenantStore
+from tests.service.conftest import serve_stack, wait_until
+
+
+@pytest.fixture
+def own_settings(own_redis_url: str, tmp_path: Path) -> Iterator[Settings]:
+    settings = Settings(
+        redis_url=own_redis_url, data_dir=tmp_path, worker_heartbeat_seconds=1.0, lost_message_seconds=0.001
+    )
+    yield settings
+    connect(own_redis_url).flushdb()
+
+
+def _check(app: Celery, jobs: JobStore, settings: Settings) -> list[str]:
+    """One reconciler check, as the next heartbeat would make it (the period's lock released)."""
+    jobs.db.delete(RECONCILER_LOCK_KEY)
+    return resend_lost(app, jobs, settings, "tester")
+
+
+def test_the_broker_scan_sees_waiting_and_unacknowledged_messages_until_acknowledged(own_settings: Settings) -> None:
+    app = make_celery(own_settings)
+    db = connect(own_settings.redis_url)
+    enqueue(app, "generate", "waiting", 0)
+    enqueue(app, "generate", "taken", 2)
+    assert messages_held(db) == {message_id("waiting", 0), message_id("taken", 2)}
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue(GENERATE_QUEUE)
+        taken = queue.get(timeout=5)  # delivered, not acknowledged: in kombu's unacked hash
+        assert taken.payload[0] == ["waiting", 0]
+        assert messages_held(db) == {message_id("waiting", 0), message_id("taken", 2)}
+        assert db.llen(GENERATE_QUEUE) == 1
+        taken.ack()
+        assert messages_held(db) == {message_id("taken", 2)}
+        queue.close()
+
+
+def test_a_job_missing_its_message_at_two_checks_is_sent_again_under_the_next_delivery_number(
+    own_settings: Settings, generate_params: Callable[..., GenerateParams]
+) -> None:
+    app = make_celery(own_settings)
+    jobs = JobStore(connect(own_settings.redis_url))
+    tenant = TenantStore(jobs.db).create("reconciled")[0]
+    lost, sent, late = new_id(), new_id(), new_id()
+    for job_id in (lost, sent, late):
+        assert jobs.create(job_id, tenant.id, generate_params(steps=1), max_active=10) is not None
+    enqueue(app, "generate", sent)
+
+    # One check is not enough: it may fall between a worker's taking a message and recording it.
+    assert _check(app, jobs, own_settings) == []
+    # A message that turns up between the checks clears its job.
+    enqueue(app, "generate", late)
+    assert _check(app, jobs, own_settings) == [lost]
+    record = jobs.get(lost)
+    assert record is not None and record.status == "queued" and record.delivery == 1
+    assert messages_held(jobs.db) == {message_id(sent, 0), message_id(late, 0), message_id(lost, 1)}
+    # The lost message, should it come back, is refused; the new one claims the job.
+    assert jobs.claim(lost, pid=1, max_attempts=3, delivery=0) == ("stale_message", 0)
+    assert jobs.claim(lost, pid=1, max_attempts=3, delivery=1) == ("claimed", 1)
+    # Sent once: the next checks find every job's message (or the job running) and send nothing.
+    assert _check(app, jobs, own_settings) == [] and _check(app, jobs, own_settings) == []
+    # A job that ends leaves the queued jobs for good.
+    jobs.cancel(sent)
+    assert sent not in jobs.queued_before(float("inf")) and lost not in jobs.queued_before(float("inf"))
+    assert set(jobs.queued_before(float("inf"))) == {late}
+
+
+def test_checks_are_taken_in_turn_once_per_heartbeat(
+    own_settings: Settings, generate_params: Callable[..., GenerateParams]
+) -> None:
+    app = make_celery(own_settings)
+    jobs = JobStore(connect(own_settings.redis_url))
+    tenant = TenantStore(jobs.db).create("turns")[0]
+    job_id = new_id()
+    jobs.create(job_id, tenant.id, generate_params(steps=1), max_active=10)
+    assert _check(app, jobs, own_settings) == []
+    # Another worker beating within the same period does not count as a second check.
+    assert resend_lost(app, jobs, own_settings, "another") == []
+    assert jobs.get(job_id).delivery == 0  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def reconciling_stack(
+    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    env = {
+        **service_env,
+        "ATOMTUNE_REDIS_URL": own_redis_url,
+        "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp("reconciled")),
+        "ATOMTUNE_WORKER_METRICS_PORT": "0",
+        "ATOMTUNE_LOST_MESSAGE_SECONDS": "2",
+    }
+    yield from serve_stack(env, tmp_path_factory)
+
+
+def test_a_worker_runs_a_job_whose_message_was_lost_exactly_once(
+    reconciling_stack: str, own_redis_url: str, generate_params: Callable[..., GenerateParams]
+) -> None:
+    jobs = JobStore(connect(own_redis_url))
+    tenant = TenantStore(jobs.db).create("lost-message")[0]
+    job_id = new_id()
+    # Recorded and never sent: what a Redis restart that lost its last second of writes leaves.
+    jobs.create(job_id, tenant.id, generate_params(steps=2), max_active=4)
+
+    def ended() -> bool:
+        job = jobs.get(job_id)
+        return job is not None and job.terminal
+
+    wait_until(ended, 60, "the job whose message was lost to run")
+    job = jobs.get(job_id)
+    assert job is not None and job.status == "succeeded" and job.delivery == 1 and job.attempts == 1
+    ends = [f["status"] for _, f in jobs.db.xrange(job_events_key(job_id)) if f.get("status") == "succeeded"]
+    assert ends == ["succeeded"] and jobs.active_count(tenant.id) == 0
