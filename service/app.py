@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.api import adapters, generations, health, jobs, openai_images, webhooks
+from service.api.playground import mount_playground
 from service.body_limit import BodyLimitMiddleware
 from service.context import Services
 from service.core.contract import MessageError
@@ -68,4 +69,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (health, adapters, generations, jobs, openai_images, webhooks):
         app.include_router(module.router)
+    mount_playground(app)
     return app
