@@ -16,7 +16,7 @@ import redis
 from service.core.jobs import Job, JobStore
 from service.core.redis_db import WEBHOOKS_DUE_KEY, job_key
 from service.core.settings import Settings
-from service.core.webhooks import WebhookRefused, check_url, payload, secret_of, sign
+from service.core.webhooks import WebhookRefused, check_url, payload, pinned, secret_of, sign
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 60.0
@@ -58,7 +58,7 @@ class WebhookSender:
         url = job.webhook_url
         status_code, error = None, None
         try:
-            check_url(url, self.settings)
+            target, host, extensions = pinned(url, check_url(url, self.settings))
             body = json.dumps(payload(job), separators=(",", ":")).encode()
             timestamp = int(time.time())
             message_id = f"msg_{job.id}"
@@ -69,7 +69,8 @@ class WebhookSender:
                 "webhook-timestamp": str(timestamp),
                 "webhook-signature": sign(secret_of(self.db, job.tenant_id), message_id, timestamp, body),
             }
-            status_code = self.client.post(url, content=body, headers=headers).status_code
+            response = self.client.post(target, content=body, headers={**headers, **host}, extensions=extensions)
+            status_code = response.status_code
             if 300 <= status_code < 400:
                 error = "the receiver redirected; redirects are not followed"
             elif status_code >= 400:

@@ -58,20 +58,25 @@ def enqueue(app: Celery, kind: JobKind, job_id: str, delivery: int = 0) -> None:
     app.send_task(TASKS[kind], args=[job_id, delivery], queue=QUEUES[kind], task_id=message_id(job_id, delivery))
 
 
-def messages_held(db: redis.Redis) -> set[str]:
-    """The task ids of every message the broker holds: waiting in a queue (at any priority), or
-    delivered to a worker and not yet acknowledged. One transaction, so a message moving from its
-    queue to the unacknowledged ones is seen in one place or the other.
+def messages_held(db: redis.Redis, delivered_since: float) -> set[str]:
+    """The task ids of the messages the broker holds for someone to run: waiting in a queue (at
+    any priority), or delivered to a worker since ``delivered_since`` (a timestamp) and not yet
+    acknowledged. One transaction, so a message moving from its queue to the unacknowledged ones
+    is seen in one place or the other.
 
-    This reads kombu's Redis layout (a list per queue and priority, a hash of unacknowledged
-    messages), which ``tests/service/test_reconciler.py`` checks against real deliveries."""
+    A message delivered longer ago whose job was never claimed is counted out: it went to a
+    consumer whose connection broke before it ran, and kombu puts such a message back only when
+    that consumer's channel closes cleanly, or after the visibility timeout. This reads kombu's
+    Redis layout (a list per queue and priority, a hash and an index of unacknowledged messages),
+    which ``tests/service/test_reconciler.py`` checks against real deliveries."""
     lists = [
         queue if not step else f"{queue}{Channel.sep}{step}" for queue in QUEUES.values() for step in PRIORITY_STEPS
     ]
     with db.pipeline(transaction=True) as pipe:
         for key in lists:
             pipe.lrange(key, 0, -1)
-        pipe.hvals(Channel.unacked_key)
-        *waiting, unacked = pipe.execute()
+        pipe.hgetall(Channel.unacked_key)
+        pipe.zrangebyscore(Channel.unacked_index_key, delivered_since, "+inf")
+        *waiting, unacked, recent = pipe.execute()
     held = {json.loads(raw)["headers"]["id"] for queue in waiting for raw in queue}
-    return held | {json.loads(raw)[0]["headers"]["id"] for raw in unacked}
+    return held | {json.loads(unacked[tag])[0]["headers"]["id"] for tag in recent if tag in unacked}

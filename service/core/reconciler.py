@@ -1,12 +1,15 @@
 """Finds queued jobs whose message the broker lost, and sends each a new one.
 
 A job's record can say queued while no message for it exists: Redis restarted from an append-only
-file that missed its last second of writes, or a worker's connection dropped between taking a
-message from its queue and recording it as unacknowledged (two steps in kombu), or a recovery's
-message could not be sent. Nothing would ever run such a job. So at each heartbeat one worker (a
-lock per period) checks every job queued for longer than ``lost_message_seconds`` against the
-messages the broker holds; a job whose message is missing at two checks in a row (one check may
-fall between kombu's two steps) gets the next delivery number and a new message. The claim
+file that missed its last second of writes, a worker's connection dropped between taking a
+message from its queue and recording it as unacknowledged (two steps in kombu), a message was
+delivered to a consumer whose connection broke before it ran the task (kombu leaves it
+unacknowledged until the visibility timeout), or a recovery's message could not be sent. Nothing
+would run such a job for an hour or ever. So at each heartbeat one worker (a lock per period)
+checks every job queued for longer than ``lost_message_seconds`` against the messages the broker
+holds for someone to run (waiting, or delivered within that time: a delivered message is claimed
+within moments); a job whose message is missing at two checks in a row (one check may fall
+between kombu's two steps) gets the next delivery number and a new message. The claim
 refuses the old number, so should the old message turn up after all, the job still runs once.
 """
 
@@ -28,9 +31,10 @@ def resend_lost(app: Celery, jobs: JobStore, settings: Settings, reconciler: str
     period_ms = max(1, round(settings.worker_heartbeat_seconds * 1000))
     if not db.set(RECONCILER_LOCK_KEY, reconciler, nx=True, px=period_ms):
         return []
-    queued = jobs.queued_before(time.time() - settings.lost_message_seconds)
+    cutoff = time.time() - settings.lost_message_seconds
+    queued = jobs.queued_before(cutoff)
     missing_before = db.hgetall(MISSING_MESSAGES_KEY) if queued else {}
-    held = messages_held(db) if queued else set()
+    held = messages_held(db, delivered_since=cutoff) if queued else set()
     missing = {job_id: entry for job_id, entry in queued.items() if message_id(job_id, entry[1]) not in held}
     resent = []
     for job_id, (kind, delivery) in missing.items():

@@ -9,7 +9,10 @@ Where a webhook may go is checked twice, at submission and again before every at
 can resolve elsewhere by then): HTTPS only, and every address the host resolves to must be
 public, never loopback, private, link-local (cloud metadata among them), shared or reserved,
 unless the host is in ``webhook_allowed_hosts``; ``webhook_allow_http`` lets plain HTTP through.
-Redirects are not followed (they would lead past the check): a 3xx is a failed attempt.
+An attempt connects to the address that was checked (``pinned``), not to whatever the name
+resolves to a moment later, so DNS rebinding cannot slip a private address in between; TLS still
+verifies the certificate for the name. Redirects are not followed (they would lead past the
+check): a 3xx is a failed attempt.
 
 Delivery is durable: a job's end (the one Lua ``terminate``) puts it in a sorted set scored by
 when its next attempt is due, which the workers serve (``worker.webhooks``).
@@ -39,8 +42,9 @@ class WebhookRefused(ValueError):
     """A webhook URL that must not be called; the message says why."""
 
 
-def check_url(url: str, settings: Settings) -> None:
-    """Refuses a URL a webhook must not go to (see the module's docstring)."""
+def check_url(url: str, settings: Settings) -> str | None:
+    """Refuses a URL a webhook must not go to (see the module's docstring). Returns the checked
+    address to connect to, or None for a host of ``webhook_allowed_hosts`` (reached by its name)."""
     if len(url) > MAX_URL_LENGTH:
         raise WebhookRefused(f"webhook_url is longer than {MAX_URL_LENGTH} characters")
     parts = urlsplit(url)
@@ -52,7 +56,7 @@ def check_url(url: str, settings: Settings) -> None:
     if parts.username is not None or parts.password is not None:
         raise WebhookRefused("webhook_url may not carry credentials; the signature authenticates atomtune")
     if parts.hostname in settings.webhook_allowed_hosts:
-        return
+        return None
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
@@ -66,6 +70,19 @@ def check_url(url: str, settings: Settings) -> None:
                 f"webhook_url's host {parts.hostname!r} resolves to {address}, which is not a public address "
                 "(loopback, private, link-local and metadata addresses are refused)"
             )
+    return str(infos[0][4][0])
+
+
+def pinned(url: str, address: str | None) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The URL that reaches ``url``'s host at ``address`` (None: by its name), with the ``Host``
+    header and, over HTTPS, the TLS server name (httpx's ``sni_hostname`` extension) of the name."""
+    parts = urlsplit(url)
+    if address is None:
+        return url, {}, {}
+    host = f"[{address}]" if ":" in address else address
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    extensions = {"sni_hostname": str(parts.hostname)} if parts.scheme == "https" else {}
+    return parts._replace(netloc=netloc).geturl(), {"host": parts.netloc}, extensions
 
 
 def new_secret() -> str:

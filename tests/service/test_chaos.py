@@ -19,7 +19,8 @@ import redis
 from PIL import Image
 
 from service.core.jobs import JobStore
-from service.core.redis_db import connect, job_events_key
+from service.core.queue import messages_held
+from service.core.redis_db import WORKERS_KEY, connect, job_events_key
 from tests.service.conftest import free_port, start_up
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +56,18 @@ def _child(pid: int, marker: str) -> int:
     matches = [child for child, cmdline in _children(pid).items() if marker in cmdline]
     assert len(matches) == 1, _children(pid)
     return matches[0]
+
+
+def _stuck(jobs: JobStore, job_ids: list[str], db: redis.Redis, lines: list[str]) -> str:
+    """What a failure needs to be understood: the unfinished jobs' records, the broker's messages,
+    the workers' heartbeats and what the stack logged beyond its access log."""
+    records = [jobs.get(job_id) for job_id in job_ids]
+    unfinished = [vars(job) for job in records if job is not None and job.status not in TERMINAL]
+    logged = [line for line in lines if '" 200' not in line and '" 503' not in line]
+    return (
+        f"unfinished: {unfinished}\nmessages: {sorted(messages_held(db))}\n"
+        f"workers: {db.zrange(WORKERS_KEY, 0, -1, withscores=True)} at {time.time()}\n" + "".join(logged[-80:])
+    )
 
 
 @pytest.mark.timeout(420)
@@ -124,7 +137,7 @@ def test_twenty_jobs_end_exactly_once_through_a_worker_kill_and_a_redis_restart(
             finished = {job_id: r.json()["status"] for job_id, r in zip(job_ids, replies, strict=True) if r.is_success}
             if len(finished) == len(job_ids) and set(finished.values()) <= TERMINAL:
                 break
-            assert time.monotonic() < deadline, (finished, "".join(lines[-60:]))
+            assert time.monotonic() < deadline, _stuck(jobs, job_ids, db, lines)
             time.sleep(0.5)
         # While Redis restarted, the gateway rode through it or said to retry, never failed.
         assert set(answers) <= {200, 503}, sorted(set(answers))

@@ -6,6 +6,7 @@ delivery number against a real Redis, and the whole path with a real worker: a j
 no message (as after a Redis restart that lost its last writes) runs, exactly once.
 """
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,20 +39,24 @@ def _check(app: Celery, jobs: JobStore, settings: Settings) -> list[str]:
     return resend_lost(app, jobs, settings, "tester")
 
 
-def test_the_broker_scan_sees_waiting_and_unacknowledged_messages_until_acknowledged(own_settings: Settings) -> None:
+def test_the_broker_scan_sees_waiting_and_recently_delivered_messages_until_acknowledged(
+    own_settings: Settings,
+) -> None:
     app = make_celery(own_settings)
     db = connect(own_settings.redis_url)
-    enqueue(app, "generate", "waiting", 0)
-    enqueue(app, "generate", "taken", 2)
-    assert messages_held(db) == {message_id("waiting", 0), message_id("taken", 2)}
+    enqueue(app, "generate", "taken", 0)
+    enqueue(app, "generate", "waiting", 2)
+    assert messages_held(db, delivered_since=0) == {message_id("taken", 0), message_id("waiting", 2)}
     with app.connection_for_read() as connection:
         queue = connection.SimpleQueue(GENERATE_QUEUE)
+        delivered_at = time.time()
         taken = queue.get(timeout=5)  # delivered, not acknowledged: in kombu's unacked hash
-        assert taken.payload[0] == ["waiting", 0]
-        assert messages_held(db) == {message_id("waiting", 0), message_id("taken", 2)}
-        assert db.llen(GENERATE_QUEUE) == 1
+        assert taken.payload[0] == ["taken", 0] and db.llen(GENERATE_QUEUE) == 1
+        assert messages_held(db, delivered_since=delivered_at - 1) == {message_id("taken", 0), message_id("waiting", 2)}
+        # Delivered before the cutoff and still not acknowledged: nobody is going to run it.
+        assert messages_held(db, delivered_since=time.time() + 1) == {message_id("waiting", 2)}
         taken.ack()
-        assert messages_held(db) == {message_id("taken", 2)}
+        assert messages_held(db, delivered_since=0) == {message_id("waiting", 2)}
         queue.close()
 
 
@@ -73,7 +78,7 @@ def test_a_job_missing_its_message_at_two_checks_is_sent_again_under_the_next_de
     assert _check(app, jobs, own_settings) == [lost]
     record = jobs.get(lost)
     assert record is not None and record.status == "queued" and record.delivery == 1
-    assert messages_held(jobs.db) == {message_id(sent, 0), message_id(late, 0), message_id(lost, 1)}
+    assert messages_held(jobs.db, 0) == {message_id(sent, 0), message_id(late, 0), message_id(lost, 1)}
     # The lost message, should it come back, is refused; the new one claims the job.
     assert jobs.claim(lost, pid=1, max_attempts=3, delivery=0) == ("stale_message", 0)
     assert jobs.claim(lost, pid=1, max_attempts=3, delivery=1) == ("claimed", 1)
@@ -97,6 +102,25 @@ def test_checks_are_taken_in_turn_once_per_heartbeat(
     # Another worker beating within the same period does not count as a second check.
     assert resend_lost(app, jobs, own_settings, "another") == []
     assert jobs.get(job_id).delivery == 0  # type: ignore[union-attr]
+
+
+def test_a_job_whose_message_went_to_a_consumer_that_never_ran_it_is_sent_again(
+    own_settings: Settings, generate_params: Callable[..., GenerateParams]
+) -> None:
+    """A message delivered over a connection that broke before its task ran stays unacknowledged
+    until the visibility timeout, with its job queued all that time."""
+    app = make_celery(own_settings)
+    jobs = JobStore(connect(own_settings.redis_url))
+    tenant = TenantStore(jobs.db).create("stranded")[0]
+    job_id = new_id()
+    jobs.create(job_id, tenant.id, generate_params(steps=1), max_active=10)
+    enqueue(app, "generate", job_id)
+    with app.connection_for_read() as connection:
+        assert connection.SimpleQueue(GENERATE_QUEUE).get(timeout=5).payload[0] == [job_id, 0]
+        time.sleep(0.01)  # older than the (test's) lost_message_seconds
+        assert _check(app, jobs, own_settings) == [] and _check(app, jobs, own_settings) == [job_id]
+    assert jobs.get(job_id).delivery == 1  # type: ignore[union-attr]
+    assert message_id(job_id, 1) in messages_held(jobs.db, 0)
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,26 @@ message id, recorded on the job, never redirected; and URLs that lead to loopbac
 link-local or metadata addresses are refused at submission."""
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from service.core.contract import GenerateParams
+from service.core.ids import new_id
+from service.core.jobs import JobStore
 from service.core.redis_db import connect
+from service.core.settings import Settings
 from service.core.tenants import TenantStore
+from service.core.webhooks import pinned
 from tests.service.conftest import Api, free_port, serve_stack, wait_until
+from worker.webhooks import WebhookSender
 
 MAX_ATTEMPTS = 3
 
@@ -162,3 +171,45 @@ def test_webhooks_to_private_addresses_are_refused_at_submission(
     assert training.status_code == 422 and says in training.json()["error"]["message"], training.text
     assert api.get("/v1/adapters").json()["items"] == []
     assert json.loads(api.get("/v1/webhook-secret").text)["secret"].startswith("whsec_")
+
+
+def test_an_attempt_goes_to_the_address_checked_not_to_where_the_name_rebinds(
+    own_redis_url: str,
+    receiver: Receiver,
+    generate_params: Callable[..., GenerateParams],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """DNS rebinding: the attacker's name resolves to a public address for the check and to
+    loopback (where the receiver listens) a moment later, for the connection."""
+    db = connect(own_redis_url)
+    tenant = TenantStore(db).create("rebinding")[0]
+    port = receiver.server.server_port
+    url = f"http://rebind.attacker.test:{port}/rebound"
+    job_id = new_id()
+    assert JobStore(db).create(job_id, tenant.id, generate_params(steps=1), max_active=4, webhook_url=url)
+    resolve = socket.getaddrinfo
+    answers = iter(["1.1.1.1"])
+
+    def attacker_dns(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.attacker.test":
+            return resolve(host, *args, **kwargs)
+        address = next(answers, "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", attacker_dns)
+    settings = Settings(
+        redis_url=own_redis_url, data_dir=tmp_path, webhook_allow_http=True, webhook_timeout_seconds=1.0
+    )
+    WebhookSender(db, settings).attempt(job_id)
+    assert receiver.at("/rebound") == []
+    job = JobStore(db).get(job_id)
+    assert job is not None and job.webhook_attempts[0]["status_code"] is None
+    # Over HTTPS the checked address is pinned too, with the name kept for the certificate.
+    assert pinned("https://hooks.example.com:8443/a?b=1", "93.184.216.34") == (
+        "https://93.184.216.34:8443/a?b=1",
+        {"host": "hooks.example.com:8443"},
+        {"sni_hostname": "hooks.example.com"},
+    )
+    assert pinned("https://hooks.example.com/a", "2606:2800::1")[0] == "https://[2606:2800::1]/a"
+    JobStore(db).cancel(job_id)
