@@ -82,7 +82,14 @@ def test_everything_the_page_loads_weighs_at_most_200_kb_gzipped() -> None:
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
+def downloads(tmp_path: Path) -> Path:
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def browser(downloads: Path) -> Iterator[object]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -92,6 +99,8 @@ def browser() -> Iterator[object]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    prefs = {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    options.add_experimental_option("prefs", prefs)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=DRIVER))
     driver.set_window_size(1280, 800)
     yield driver
@@ -108,6 +117,7 @@ def _png(color: tuple[int, int, int], folder: Path, name: str, image_bytes: Call
 @pytest.mark.usefixtures("worker")
 def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
     browser: object,
+    downloads: Path,
     gateway: str,
     tenants: TenantStore,
     image_bytes: Callable[..., bytes],
@@ -158,12 +168,16 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
     assert key not in driver.current_url
     assert text("no-adapters") == "No adapters yet."
 
-    # 2. Upload three images and fine-tune, with live progress and a loss chart.
+    # 2. Upload three images and fine-tune, with live progress and a loss chart. Without images
+    # first: the API's own message is shown in the fine-tune section.
+    element("ft-prompt").send_keys("a photo of sks square")
+    element("ft-start").click()
+    wait.until(lambda _: "images" in text("finetune-error"))
+    assert text("sign-in-error") == "" and text("generate-error") == ""
     paths = [_png((200, 40 * i, 30), tmp_path, f"concept-{i}.png", image_bytes) for i in range(3)]
     element("images").send_keys("\n".join(paths))
     wait.until(lambda _: len(driver.find_elements(By.CSS_SELECTOR, "#thumbnails img")) == 3)
     assert "3 images chosen" in text("drop-zone")
-    element("ft-prompt").send_keys("a photo of sks square")
     element("ft-steps").clear()
     element("ft-steps").send_keys("60")
     element("ft-start").click()
@@ -172,6 +186,7 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
     wait.until(lambda _: seen_steps.add(text("ft-status")) or "succeeded" in text("ft-status"))
     assert len([s for s in seen_steps if "Training: step" in s]) >= 2, seen_steps  # progress moved live
     assert int(element("loss-line").get_attribute("data-count") or 0) >= 2
+    assert text("finetune-error") == ""
     shot("02-fine-tune")
 
     # 3. The adapters list shows it ready with its final loss; the generate form has it chosen.
@@ -240,6 +255,33 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
     assert str(element("attr-source").get_attribute("src")).startswith("blob:")
     shot("06-attribution", "attribution")
 
+    # 8. Download the adapter, import the zip back, delete the copy (a second press confirms).
+    driver.find_element(By.CSS_SELECTOR, f'[data-adapter="{adapter_id}"] button[aria-label^="Download"]').click()
+    zip_path = downloads / f"adapter-{adapter_id}.zip"
+    wait.until(lambda _: zip_path.exists() and zip_path.stat().st_size > 0)
+    element("import-file").send_keys(str(zip_path))
+    element("import-prompt").send_keys("an imported copy")
+    driver.find_element(By.CSS_SELECTOR, "#import-form button[type=submit]").click()
+    wait.until(lambda _: len(driver.find_elements(By.CSS_SELECTOR, "#adapter-rows tr")) == 2)
+    copy = next(r for r in driver.find_elements(By.CSS_SELECTOR, "#adapter-rows tr") if "imported" in r.text)
+    assert "ready" in copy.text and text("adapters-error") == ""
+    copy_id = copy.get_attribute("data-adapter")
+    delete = copy.find_element(By.CSS_SELECTOR, 'button[aria-label^="Delete"]')
+    delete.click()
+    assert delete.text == "Confirm delete" and len(driver.find_elements(By.CSS_SELECTOR, "#adapter-rows tr")) == 2
+    delete.click()
+    wait.until(lambda _: not driver.find_elements(By.CSS_SELECTOR, f'[data-adapter="{copy_id}"]'))
+
+    # 9. A long fine-tune, cancelled while it runs.
+    element("ft-steps").clear()
+    element("ft-steps").send_keys("5000")
+    element("ft-start").click()
+    wait.until(lambda _: "Training: step" in text("ft-status"))
+    element("ft-cancel").click()
+    wait.until(lambda _: element("ft-status").get_attribute("data-status") == "cancelled")
+    assert text("ft-status") == "Fine-tune cancelled" and text("finetune-error") == ""
+    assert element("ft-start").is_enabled() and not element("ft-cancel").is_enabled()
+
     # Everything came from the gateway itself; every control has a label.
     sources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert sources and all(str(s).startswith(gateway) or str(s).startswith("blob:") for s in sources), sources
@@ -249,15 +291,17 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
     )
     assert unlabelled == [], unlabelled
 
-    # 8. A phone's width: one column, nothing wider than the screen.
+    # 10. A phone's width: one column, nothing wider than the screen.
     driver.set_window_size(390, 844)
     driver.execute_script("window.scrollTo(0, 0)")
     overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, overflow
     shot("07-phone")
 
-    # Only the wrong key's 401 may show in the console; no JavaScript error at all.
+    # Only the refusals asked for above (the wrong key's 401, the missing images' 422) may show in
+    # the console; no JavaScript error at all.
     logs = driver.get_log("browser")  # type: ignore[attr-defined]
     errors = [entry for entry in logs if entry["level"] == "SEVERE"]
-    unexpected = [e for e in errors if not (e.get("source") == "network" and "401" in e["message"])]
+    expected = ("status of 401", "status of 422")
+    unexpected = [e for e in errors if not (e.get("source") == "network" and any(x in e["message"] for x in expected))]
     assert unexpected == [], unexpected
