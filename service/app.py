@@ -42,6 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Operation ids are the route functions' names (``get_job``), which the links between
+        # operations name and generated clients turn into method names.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_request_bytes, max_json_bytes=settings.max_json_bytes

@@ -1,10 +1,11 @@
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from service.api.deps import AdapterDep, ServicesDep, SubmissionRateDep, TenantDep
+from service.api.jobs import job_links
 from service.api.schemas import (
     AdapterCreated,
     AdapterOut,
@@ -26,6 +27,13 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
 
 
+def adapter_links(pointer: str) -> dict[str, Any]:
+    """OpenAPI links from a response naming an adapter (at the JSON ``pointer`` of its body) to its routes."""
+    routes = ("get_adapter", "delete_adapter", "get_atoms", "download_adapter")
+    parameters = {"adapter_id": f"$response.body#{pointer}"}
+    return {route: {"operationId": route, "parameters": parameters} for route in routes}
+
+
 def _require_ready(record: AdapterRecord, services: Services) -> None:
     job = services.jobs.get(record.job_id) if record.job_id else None
     status = record.status(job)
@@ -37,7 +45,13 @@ def _render(record: AdapterRecord, services: Services) -> AdapterOut:
     return AdapterOut.of(record, services.jobs.get(record.job_id) if record.job_id else None)
 
 
-@router.post("", status_code=202, response_model=AdapterCreated, responses=ERRORS, dependencies=[SubmissionRateDep])
+@router.post(
+    "",
+    status_code=202,
+    response_model=AdapterCreated,
+    responses={**ERRORS, 202: {"links": {**adapter_links("/adapter_id"), **job_links("/job_id")}}},
+    dependencies=[SubmissionRateDep],
+)
 def create_adapter(
     tenant: TenantDep,
     services: ServicesDep,
@@ -48,7 +62,7 @@ def create_adapter(
     return AdapterCreated(adapter_id=adapter_id, job_id=job_id)
 
 
-@router.get("", response_model=AdapterPage, responses=ERRORS)
+@router.get("", response_model=AdapterPage, responses={**ERRORS, 200: {"links": adapter_links("/items/0/id")}})
 def list_adapters(
     tenant: TenantDep,
     services: ServicesDep,
@@ -117,7 +131,13 @@ def download_adapter(record: AdapterDep, services: ServicesDep) -> FileResponse:
     )
 
 
-@router.post("/import", status_code=201, response_model=AdapterOut, responses=ERRORS, dependencies=[SubmissionRateDep])
+@router.post(
+    "/import",
+    status_code=201,
+    response_model=AdapterOut,
+    responses={**ERRORS, 201: {"links": adapter_links("/id")}},
+    dependencies=[SubmissionRateDep],
+)
 def import_adapter(
     tenant: TenantDep,
     services: ServicesDep,

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import ServicesDep, SubmissionRateDep, TenantDep
+from service.api.jobs import job_links
 from service.api.schemas import ErrorResponse, GenerationAccepted, GenerationRequest, JobOut
 from service.errors import invalid
 from service.submission import submit_generation
@@ -17,7 +18,11 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422, 4
     "",
     status_code=202,
     response_model=GenerationAccepted,
-    responses={**ERRORS, 200: {"model": GenerationAccepted, "description": "Finished within `wait`"}},
+    responses={
+        **ERRORS,
+        200: {"model": GenerationAccepted, "description": "Finished within `wait`", "links": job_links("/job_id")},
+        202: {"links": job_links("/job_id")},
+    },
     dependencies=[SubmissionRateDep],
 )
 async def create_generation(

@@ -22,6 +22,14 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 429, 503)}
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
+def job_links(pointer: str) -> dict[str, Any]:
+    """OpenAPI links from a response naming a job (at the JSON ``pointer`` of its body) to the job's
+    routes, so clients and schemathesis's stateful tests can follow them."""
+    routes = ("get_job", "cancel_job", "job_events", "get_image", "get_attribution")
+    parameters = {"job_id": f"$response.body#{pointer}"}
+    return {route: {"operationId": route, "parameters": parameters} for route in routes}
+
+
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
 def get_job(job: JobDep) -> JobOut:
     """Status, progress, timestamps, error and result of a job."""

@@ -398,7 +398,7 @@ function renderToggles(blocks) {
         else dropped.add(atom);
         state.droppedAtoms.set(block, dropped);
         row.classList.toggle("off", !toggle.checked);
-        edit();
+        scheduleEdit();
       });
       row.append(toggle, label, bar);
       group.append(row);
@@ -507,9 +507,18 @@ async function generate() {
   if (adapter !== null) await loadAttribution(settled[1].value);
 }
 
-// An edit (density, top atoms, an atom toggle) re-renders only the edited image, with the same seed.
-const edit = guarded("generate", async () => {
+// An edit (density, top atoms, an atom toggle) re-renders only the edited image, with the same seed,
+// once the controls have been still for a moment (a held arrow key would otherwise queue a job a press).
+const EDIT_SETTLE_MS = 300;
+let editTimer = null;
+
+function scheduleEdit() {
   showEditValues();
+  clearTimeout(editTimer);
+  editTimer = setTimeout(edit, EDIT_SETTLE_MS);
+}
+
+const edit = guarded("generate", async () => {
   const adapter = chosenAdapter();
   if (adapter === null) return;
   const from = JSON.stringify({ ...commonRequest(), adapter: adapter.id });
@@ -595,7 +604,7 @@ function wire() {
   });
   for (const slider of [$("density"), $("top-atoms")]) {
     slider.addEventListener("input", showEditValues);
-    slider.addEventListener("change", edit);
+    slider.addEventListener("change", scheduleEdit);
   }
   $("attr-block").addEventListener("change", guarded("attribution", showBlock));
   if (state.key) guarded("sign-in", () => signIn(state.key))();

@@ -282,6 +282,27 @@ def _wait_job(
         time.sleep(0.1)
 
 
+def adapter_zip(folder: Path, fingerprint: str, num_atoms: int, features: int, num_blocks: int) -> bytes:
+    """An adapter as ``/download`` zips it, with seeded weights, for a base of these dimensions."""
+    import zipfile
+
+    import torch
+
+    from adapters import SparseDictionaryAdapter, SparseDictionaryConfig, save_adapter
+
+    config = SparseDictionaryConfig(num_atoms=num_atoms, density=0.25, base_fingerprint=fingerprint)
+    adapter = SparseDictionaryAdapter(config, features, features, num_blocks)
+    for layer in adapter.layers.values():
+        layer.reset_parameters(torch.Generator().manual_seed(0))
+    saved = folder / f"adapter-{time.monotonic_ns()}"
+    save_adapter(adapter, saved)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in saved.iterdir():
+            archive.writestr(path.name, path.read_bytes())
+    return buffer.getvalue()
+
+
 @pytest.fixture(scope="session")
 def wait_job() -> Callable[..., dict]:
     return _wait_job

@@ -1,7 +1,10 @@
 """schemathesis against the running gateway: every operation of the OpenAPI schema, at least 25
 generated requests each (from the schema, its edge cases and stateful sequences), with a tenant's
 key; no response may be a 5xx or break the schema. A stack of its own (Redis, gateway, a
-generation worker on the tiny base, so that ``/readyz`` is ready and generations end)."""
+generation worker on the tiny base, so that ``/readyz`` is ready and generations end). The
+tenant starts with an imported adapter, which the stateful phase finds through the links from
+the adapter list and passes to the adapter's routes (schemathesis cannot make one: uploads must
+be real images or a real adapter zip)."""
 
 import os
 import re
@@ -10,11 +13,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.core.redis_db import connect
 from service.core.tenants import TenantStore
-from tests.service.conftest import serve_stack
+from service.core.worker_registry import base_shape
+from tests.service.conftest import adapter_zip, serve_stack
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -36,8 +41,20 @@ def fuzzed_stack(
 
 
 @pytest.mark.timeout(900)
-def test_generated_requests_get_no_5xx_and_only_documented_responses(fuzzed_stack: str, own_redis_url: str) -> None:
-    key = TenantStore(connect(own_redis_url)).create("fuzzer")[1]
+def test_generated_requests_get_no_5xx_and_only_documented_responses(
+    fuzzed_stack: str, own_redis_url: str, tmp_path: Path
+) -> None:
+    db = connect(own_redis_url)
+    key = TenantStore(db).create("fuzzer")[1]
+    base = base_shape(db)
+    assert base is not None
+    bundle = adapter_zip(tmp_path, base.fingerprint, 8, base.in_features, base.num_blocks)
+    imported = httpx.post(
+        f"{fuzzed_stack}/v1/adapters/import",
+        files={"file": ("adapter.zip", bundle, "application/zip")},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert imported.status_code == 201, imported.text
     command = [
         str(SCHEMATHESIS),
         "run",
@@ -66,4 +83,4 @@ def test_generated_requests_get_no_5xx_and_only_documented_responses(fuzzed_stac
     assert selected[1] == selected[2] == tested[1], report[-3000:]
     generated = re.search(r"(\d+) generated", report)
     assert generated and int(generated[1]) >= 25 * int(tested[1]), report[-3000:]
-    print(report[report.find("SUMMARY") :])  # what ran, for `pytest -s`
+    print(report[report.find("Stateful") :])  # what ran, for `pytest -s`

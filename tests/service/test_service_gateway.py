@@ -33,6 +33,7 @@ from service.core.redis_db import BASE_MODEL_KEY, connect, tenant_streams_key
 from service.core.settings import Settings
 from service.core.tenants import TenantStore
 from service.core.worker_registry import BaseShape, publish_base
+from tests.service.conftest import adapter_zip
 
 UNKNOWN_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
@@ -489,20 +490,6 @@ def test_an_event_stream_outlasts_a_quiet_spell_longer_than_a_socket_timeout(
     assert json.loads([line for line in rest if line.startswith("data: ")][-1][6:])["status"] == "cancelled"
 
 
-def _adapter_zip(tmp_path: Path, fingerprint: str, num_atoms: int, features: int, num_blocks: int) -> bytes:
-    import torch
-
-    from adapters import SparseDictionaryAdapter, SparseDictionaryConfig, save_adapter
-
-    config = SparseDictionaryConfig(num_atoms=num_atoms, density=0.25, base_fingerprint=fingerprint)
-    adapter = SparseDictionaryAdapter(config, features, features, num_blocks)
-    for layer in adapter.layers.values():
-        layer.reset_parameters(torch.Generator().manual_seed(0))
-    folder = tmp_path / f"adapter-{new_id()}"
-    save_adapter(adapter, folder)
-    return _zip({path.name: path.read_bytes() for path in folder.iterdir()})
-
-
 def test_imports_and_training_requests_are_checked_against_the_served_base(settings: Settings, tmp_path: Path) -> None:
     # A Redis database of its own, so that what the test's worker publishes does not interfere.
     isolated = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/4"})
@@ -510,7 +497,7 @@ def test_imports_and_training_requests_are_checked_against_the_served_base(setti
     db.delete(BASE_MODEL_KEY)
     _, key = TenantStore(db).create(f"base-{new_id()}")
     base = BaseShape(fingerprint="pixart-test", num_blocks=2, num_heads=4, in_features=32, out_features=32)
-    good = _adapter_zip(tmp_path, base.fingerprint, 8, 32, 2)
+    good = adapter_zip(tmp_path, base.fingerprint, 8, 32, 2)
     with TestClient(create_app(isolated), headers={"Authorization": f"Bearer {key}"}) as client:
 
         def upload(content: bytes) -> object:
@@ -524,10 +511,10 @@ def test_imports_and_training_requests_are_checked_against_the_served_base(setti
             (_zip({"adapter_config.json": b"{nope", "adapter_model.safetensors": b"x"}), "adapter_config.json is not"),
             (_zip({**ADAPTER_ENTRIES, "adapter_config.json": b" " * 70_000}), "adapter_config.json is larger than"),
             (_zip({**ADAPTER_ENTRIES, "adapter_config.json": b"[]"}), "adapter_config.json must hold a JSON object"),
-            (_adapter_zip(tmp_path, "pixart-other", 8, 32, 2), "made for base 'pixart-other'"),
-            (_adapter_zip(tmp_path, base.fingerprint, 8, 16, 2), "in_features=16, but the served base model has 32"),
-            (_adapter_zip(tmp_path, base.fingerprint, 8, 32, 3), "num_blocks=3, but the served base model has 2"),
-            (_adapter_zip(tmp_path, base.fingerprint, 6, 32, 2), "multiple of the base model's 4 attention heads"),
+            (adapter_zip(tmp_path, "pixart-other", 8, 32, 2), "made for base 'pixart-other'"),
+            (adapter_zip(tmp_path, base.fingerprint, 8, 16, 2), "in_features=16, but the served base model has 32"),
+            (adapter_zip(tmp_path, base.fingerprint, 8, 32, 3), "num_blocks=3, but the served base model has 2"),
+            (adapter_zip(tmp_path, base.fingerprint, 6, 32, 2), "multiple of the base model's 4 attention heads"),
         ]:
             response = upload(content)
             message = error_of(response)["message"]
