@@ -2,12 +2,12 @@
 
 It registers the task bodies of ``worker.tasks`` under the queue contract's names, and wires in
 through signals what Celery does not do by itself: a heartbeat the gateway's ``/readyz`` reads,
-and with it the recovery of jobs whose worker died and the retention sweep
-(``service.core.retention``); the delivery of webhooks (``worker.webhooks``); in each process
-that runs jobs (a prefork pool process, or the worker itself with the thread pool of a
-generation worker), the metrics server, loading the base model as soon as it starts, and
-listening for deleted adapters; and recording a hard time limit in the job (the process that ran
-it is gone, so only the parent can).
+and with it the recovery of jobs whose worker died; beside it, housekeeping: the reconciler of
+lost messages and the retention sweep (``service.core.retention``); the delivery of webhooks
+(``worker.webhooks``); in each process that runs jobs (a prefork pool process, or the worker
+itself with the thread pool of a generation worker), the metrics server, loading the base model
+as soon as it starts, and listening for deleted adapters; and recording a hard time limit in the
+job (the process that ran it is gone, so only the parent can).
 
 Recovery: a thread pool runs its tasks in the worker's own process, so a SIGKILL leaves no parent
 to put their messages back, and Redis returns an unacknowledged message only after the visibility
@@ -16,7 +16,7 @@ whose holder's heartbeat has stopped, and puts each back with a new message unde
 delivery number (``JobStore.recover``); a claim refuses any message with an older number, so the
 dead worker's own message, when Redis finally returns it, never runs the job a second time. A
 job whose message the broker lost altogether (or whose recovery could not send one) is sent again
-by the reconciler (``service.core.reconciler``), at the heartbeat too.
+by the reconciler (``service.core.reconciler``), once per heartbeat period.
 """
 
 import logging
@@ -63,21 +63,34 @@ _stop_listening = threading.Event()
 def _heartbeat(name: str) -> None:
     db = connect(settings.redis_url, WORKER_RESTART_RETRIES)
     jobs = JobStore(db)
-    storage = Storage(settings.data_dir)
     while True:
         try:
             worker_registry.beat(db, name)
             recover_orphans(jobs, name)
-            for job_id in resend_lost(app, jobs, settings, name):
-                log.warning("job %s was queued but its message was lost; sent it again", job_id)
-            swept = sweep_if_due(db, storage, settings, name)
-            if swept is not None and any(vars(swept).values()):
-                log.info("retention removed %s", swept)
         except Exception:
             log.warning("heartbeat to Redis failed; retrying", exc_info=True)
         if _stop_heartbeat.wait(settings.worker_heartbeat_seconds):
             break
     worker_registry.leave(db, name)
+
+
+def _housekeeping(name: str) -> None:
+    """The reconciler and the retention sweep, in a thread of their own: however long they take
+    (a long queue to read, many files to remove), the heartbeat keeps its beat."""
+    jobs = JobStore(connect(settings.redis_url, WORKER_RESTART_RETRIES))
+    storage = Storage(settings.data_dir)
+    while not _stop_heartbeat.wait(settings.worker_heartbeat_seconds):
+        try:
+            for job_id in resend_lost(app, jobs, settings, name):
+                log.warning("job %s was queued but its message was lost; sent it again", job_id)
+        except Exception:
+            log.warning("looking for lost messages failed; retrying", exc_info=True)
+        try:
+            swept = sweep_if_due(jobs.db, storage, settings, name)
+            if swept is not None and any(vars(swept).values()):
+                log.info("retention removed %s", swept)
+        except Exception:
+            log.warning("the retention sweep failed; retrying", exc_info=True)
 
 
 def recover_orphans(jobs: JobStore, name: str) -> None:
@@ -108,6 +121,7 @@ def recover_orphans(jobs: JobStore, name: str) -> None:
 @worker_ready.connect
 def _start_heartbeat(sender: Any, **_: Any) -> None:
     threading.Thread(target=_heartbeat, args=(sender.hostname,), name="heartbeat", daemon=True).start()
+    threading.Thread(target=_housekeeping, args=(sender.hostname,), name="housekeeping", daemon=True).start()
     webhooks = (connect(settings.redis_url, WORKER_RESTART_RETRIES), settings, _stop_heartbeat)
     threading.Thread(target=deliver_webhooks, args=webhooks, name="webhooks", daemon=True).start()
 

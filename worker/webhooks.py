@@ -40,7 +40,9 @@ class WebhookSender:
         self.settings = settings
         self.jobs = JobStore(db)
         self._take = db.register_script(_TAKE_DUE)
-        self.client = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        # No keep-alive: a pooled connection is keyed by the address it was pinned to (see ``pinned``).
+        limits = httpx.Limits(max_keepalive_connections=0)
+        self.client = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False, limits=limits)
 
     def send_due(self) -> int:
         """Attempts every delivery due now; returns how many were attempted."""
@@ -58,7 +60,7 @@ class WebhookSender:
         url = job.webhook_url
         status_code, error = None, None
         try:
-            target, host, extensions = pinned(url, check_url(url, self.settings))
+            addresses = check_url(url, self.settings)
             body = json.dumps(payload(job), separators=(",", ":")).encode()
             timestamp = int(time.time())
             message_id = f"msg_{job.id}"
@@ -69,8 +71,7 @@ class WebhookSender:
                 "webhook-timestamp": str(timestamp),
                 "webhook-signature": sign(secret_of(self.db, job.tenant_id), message_id, timestamp, body),
             }
-            response = self.client.post(target, content=body, headers={**headers, **host}, extensions=extensions)
-            status_code = response.status_code
+            status_code = self._post(url, addresses, body, headers).status_code
             if 300 <= status_code < 400:
                 error = "the receiver redirected; redirects are not followed"
             elif status_code >= 400:
@@ -79,8 +80,24 @@ class WebhookSender:
             error = str(exc)
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            # Recorded like a failed attempt, or the delivery would be retaken forever, never recorded.
+            log.exception("webhook attempt for job %s failed", job_id)
+            error = f"{type(exc).__name__}: {exc}"
         attempt = {"at": time.time(), "status_code": status_code, "error": error}
         self._record(job, attempt, delivered=error is None)
+
+    def _post(self, url: str, addresses: list[str] | None, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POSTs to each checked address in turn until one connects (to the name, for an allowed host)."""
+        refused: httpx.ConnectError | None = None
+        for address in addresses or [None]:
+            target, host, extensions = pinned(url, address)
+            try:
+                return self.client.post(target, content=body, headers={**headers, **host}, extensions=extensions)
+            except httpx.ConnectError as exc:
+                refused = exc
+        assert refused is not None
+        raise refused
 
     def _record(self, job: Job, attempt: dict[str, Any], delivered: bool) -> None:
         job_id = job.id

@@ -49,7 +49,7 @@ def _render(record: AdapterRecord, services: Services) -> AdapterOut:
     "",
     status_code=202,
     response_model=AdapterCreated,
-    responses={**ERRORS, 202: {"links": {**adapter_links("/adapter_id"), **job_links("/job_id")}}},
+    responses={**ERRORS, 202: {"links": {**adapter_links("/adapter_id"), **job_links("/job_id", generation=False)}}},
     dependencies=[SubmissionRateDep],
 )
 def create_adapter(

@@ -20,8 +20,12 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 422, 4
     response_model=GenerationAccepted,
     responses={
         **ERRORS,
-        200: {"model": GenerationAccepted, "description": "Finished within `wait`", "links": job_links("/job_id")},
-        202: {"links": job_links("/job_id")},
+        200: {
+            "model": GenerationAccepted,
+            "description": "Finished within `wait`",
+            "links": job_links("/job_id", generation=True),
+        },
+        202: {"links": job_links("/job_id", generation=True)},
     },
     dependencies=[SubmissionRateDep],
 )

@@ -22,12 +22,18 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 429, 503)}
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
-def job_links(pointer: str) -> dict[str, Any]:
+def job_links(pointer: str, generation: bool) -> dict[str, Any]:
     """OpenAPI links from a response naming a job (at the JSON ``pointer`` of its body) to the job's
-    routes, so clients and schemathesis's stateful tests can follow them."""
-    routes = ("get_job", "cancel_job", "job_events", "get_image", "get_attribution")
-    parameters = {"job_id": f"$response.body#{pointer}"}
-    return {route: {"operationId": route, "parameters": parameters} for route in routes}
+    routes (a generation's images and maps too), so clients and schemathesis's stateful tests can
+    follow them."""
+    job = {"job_id": f"$response.body#{pointer}"}
+    links: dict[str, Any] = {
+        route: {"operationId": route, "parameters": job} for route in ("get_job", "cancel_job", "job_events")
+    }
+    if generation:
+        links["get_image"] = {"operationId": "get_image", "parameters": {**job, "index": 0}}
+        links["get_attribution"] = {"operationId": "get_attribution", "parameters": job}
+    return links
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)

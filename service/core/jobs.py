@@ -255,7 +255,7 @@ local holder = redis.call('HGET', KEYS[1], 'worker') or ''
 local beat = redis.call('ZSCORE', KEYS[5], holder)
 if beat and tonumber(beat) >= tonumber(ARGV[3]) then return -1 end
 local delivery = redis.call('HINCRBY', KEYS[1], 'delivery', 1)
-redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'step', 0, 'loss', '', 'queued_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'worker', ARGV[4], 'step', 0, 'loss', '')
 redis.call('ZADD', '{QUEUED_JOBS_KEY}', ARGV[1], ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', 'queued')
 return delivery
@@ -270,7 +270,6 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'queued'
   return -1
 end
 local delivery = redis.call('HINCRBY', KEYS[1], 'delivery', 1)
-redis.call('HSET', KEYS[1], 'queued_at', ARGV[1])
 redis.call('ZADD', '{QUEUED_JOBS_KEY}', ARGV[1], ARGV[2])
 return delivery
 """

@@ -78,5 +78,13 @@ def messages_held(db: redis.Redis, delivered_since: float) -> set[str]:
         pipe.hgetall(Channel.unacked_key)
         pipe.zrangebyscore(Channel.unacked_index_key, delivered_since, "+inf")
         *waiting, unacked, recent = pipe.execute()
-    held = {json.loads(raw)["headers"]["id"] for queue in waiting for raw in queue}
-    return held | {json.loads(unacked[tag])[0]["headers"]["id"] for tag in recent if tag in unacked}
+    held = {_task_id(json.loads(raw)) for queue in waiting for raw in queue}
+    return held | {_task_id(json.loads(unacked[tag])[0]) for tag in recent if tag in unacked}
+
+
+def _task_id(message: object) -> str:
+    # A message not of Celery's protocol (another producer's) holds no job of ours.
+    try:
+        return str(message["headers"]["id"])  # type: ignore[index]
+    except (KeyError, TypeError):
+        return ""

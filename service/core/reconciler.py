@@ -5,7 +5,7 @@ file that missed its last second of writes, a worker's connection dropped betwee
 message from its queue and recording it as unacknowledged (two steps in kombu), a message was
 delivered to a consumer whose connection broke before it ran the task (kombu leaves it
 unacknowledged until the visibility timeout), or a recovery's message could not be sent. Nothing
-would run such a job for an hour or ever. So at each heartbeat one worker (a lock per period)
+would run such a job for an hour or ever. So once per heartbeat period one worker (a lock)
 checks every job queued for longer than ``lost_message_seconds`` against the messages the broker
 holds for someone to run (waiting, or delivered within that time: a delivered message is claimed
 within moments); a job whose message is missing at two checks in a row (one check may fall

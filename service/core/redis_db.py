@@ -98,8 +98,9 @@ WORKERS_KEY = f"{PREFIX}:workers"
 # Jobs a worker has claimed (running, or put back by a recovery and not yet claimed again): the set a
 # worker scans for jobs whose claiming worker's heartbeat has stopped.
 CLAIMED_JOBS_KEY = f"{PREFIX}:claimed_jobs"
-# Jobs waiting for a worker (status queued), scored by when they were queued: where the reconciler
-# looks for jobs whose message the broker lost (``service.core.reconciler``).
+# Jobs waiting for a worker (status queued), scored by when they were last queued (submitted, put
+# back by a recovery or sent again): where the reconciler looks for jobs whose message the broker
+# lost (``service.core.reconciler``). The job's own ``queued_at`` stays its submission time.
 QUEUED_JOBS_KEY = f"{PREFIX}:queued_jobs"
 MISSING_MESSAGES_KEY = f"{PREFIX}:reconciler:missing"
 """Queued jobs one check found no message for: job id → the delivery number that was missing."""

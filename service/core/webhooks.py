@@ -9,9 +9,11 @@ Where a webhook may go is checked twice, at submission and again before every at
 can resolve elsewhere by then): HTTPS only, and every address the host resolves to must be
 public, never loopback, private, link-local (cloud metadata among them), shared or reserved,
 unless the host is in ``webhook_allowed_hosts``; ``webhook_allow_http`` lets plain HTTP through.
-An attempt connects to the address that was checked (``pinned``), not to whatever the name
-resolves to a moment later, so DNS rebinding cannot slip a private address in between; TLS still
-verifies the certificate for the name. Redirects are not followed (they would lead past the
+An attempt connects to an address that was checked (``pinned``, each in turn until one
+connects), not to whatever the name resolves to a moment later, so DNS rebinding cannot slip a
+private address in between; TLS still verifies the certificate for the name, and no connection
+is kept alive (a pooled one is keyed by address, so another name at that address would reuse a
+connection whose certificate was checked for the first). Redirects are not followed (they would lead past the
 check): a 3xx is a failed attempt.
 
 Delivery is durable: a job's end (the one Lua ``terminate``) puts it in a sorted set scored by
@@ -27,6 +29,7 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import redis
 
 from service.core.jobs import Job
@@ -42,9 +45,9 @@ class WebhookRefused(ValueError):
     """A webhook URL that must not be called; the message says why."""
 
 
-def check_url(url: str, settings: Settings) -> str | None:
+def check_url(url: str, settings: Settings) -> list[str] | None:
     """Refuses a URL a webhook must not go to (see the module's docstring). Returns the checked
-    address to connect to, or None for a host of ``webhook_allowed_hosts`` (reached by its name)."""
+    addresses to connect to, or None for a host of ``webhook_allowed_hosts`` (reached by its name)."""
     if len(url) > MAX_URL_LENGTH:
         raise WebhookRefused(f"webhook_url is longer than {MAX_URL_LENGTH} characters")
     parts = urlsplit(url)
@@ -70,19 +73,18 @@ def check_url(url: str, settings: Settings) -> str | None:
                 f"webhook_url's host {parts.hostname!r} resolves to {address}, which is not a public address "
                 "(loopback, private, link-local and metadata addresses are refused)"
             )
-    return str(infos[0][4][0])
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def pinned(url: str, address: str | None) -> tuple[str, dict[str, str], dict[str, str]]:
     """The URL that reaches ``url``'s host at ``address`` (None: by its name), with the ``Host``
-    header and, over HTTPS, the TLS server name (httpx's ``sni_hostname`` extension) of the name."""
-    parts = urlsplit(url)
+    header and, over HTTPS, the TLS server name (httpx's ``sni_hostname`` extension) of the name,
+    both in their ASCII (IDNA) form."""
     if address is None:
         return url, {}, {}
-    host = f"[{address}]" if ":" in address else address
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    extensions = {"sni_hostname": str(parts.hostname)} if parts.scheme == "https" else {}
-    return parts._replace(netloc=netloc).geturl(), {"host": parts.netloc}, extensions
+    parts = httpx.URL(url)
+    extensions = {"sni_hostname": parts.raw_host.decode("ascii")} if parts.scheme == "https" else {}
+    return str(parts.copy_with(host=address)), {"host": parts.netloc.decode("ascii")}, extensions
 
 
 def new_secret() -> str:

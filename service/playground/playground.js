@@ -62,6 +62,21 @@ async function blobUrl(path) {
   return URL.createObjectURL(await response.blob());
 }
 
+// Shows a blob URL in an image (or link), giving back the one it showed before.
+function setBlob(element, attribute, url) {
+  const previous = element.getAttribute(attribute);
+  if (previous && previous.startsWith("blob:") && previous !== url && !isShownElsewhere(element, previous)) {
+    URL.revokeObjectURL(previous);
+  }
+  element.setAttribute(attribute, url);
+}
+
+function isShownElsewhere(element, url) {
+  return [...document.querySelectorAll("img[src], a[href]")].some(
+    (other) => other !== element && (other.getAttribute("src") === url || other.getAttribute("href") === url),
+  );
+}
+
 // Runs an action whose errors are shown in the section it belongs to.
 function guarded(section, action) {
   return async (event) => {
@@ -86,7 +101,13 @@ async function follow(jobId, { onProgress = () => {}, onStatus = () => {} } = {}
   let buffer = "";
   let job = null;
   for (;;) {
-    const { value, done } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch {
+      break; // the stream was cut (a proxy, the network): the job's record below says where it is
+    }
+    const { value, done } = chunk;
     if (done) break;
     buffer = (buffer + value).replace(/\r\n/g, "\n");
     let end;
@@ -153,15 +174,26 @@ function signOut(reason = "") {
 function chooseFiles(files) {
   state.files = [...files];
   const list = $("thumbnails");
+  for (const image of list.querySelectorAll("img")) URL.revokeObjectURL(image.src);
   list.replaceChildren();
-  for (const file of state.files) {
+  state.files.forEach((file, index) => {
     const item = document.createElement("li");
     const image = document.createElement("img");
     image.alt = file.name;
     image.src = URL.createObjectURL(file);
-    item.append(image);
+    const label = document.createElement("label");
+    label.htmlFor = `caption-${index}`;
+    label.textContent = `Caption of ${file.name}`;
+    label.className = "visually-hidden";
+    const caption = document.createElement("input");
+    caption.type = "text";
+    caption.id = `caption-${index}`;
+    caption.className = "caption";
+    caption.maxLength = 1000;
+    caption.placeholder = "caption (the prompt if empty)";
+    item.append(image, label, caption);
     list.append(item);
-  }
+  });
   $("drop-zone").textContent = state.files.length
     ? `${state.files.length} image${state.files.length === 1 ? "" : "s"} chosen (drop or choose again to replace)`
     : "Drop 1-10 images of your concept here, or choose them";
@@ -188,20 +220,27 @@ function drawLoss(losses) {
 async function startFinetune() {
   const form = new FormData();
   for (const file of state.files) form.append("images", file, file.name);
+  // Captions name each image's context (its colour, its background) so the adapter learns the
+  // concept apart from them; an image left uncaptioned is trained on the prompt.
+  const captions = [...$("thumbnails").querySelectorAll("input.caption")].map((c) => c.value.trim());
+  if (captions.some((caption) => caption !== "")) {
+    for (const caption of captions) form.append("captions", caption || $("ft-prompt").value);
+  }
   for (const field of $("finetune-form").querySelectorAll("[name]:not([type=file])")) {
     if (field.value !== "") form.append(field.name, field.value);
   }
-  const created = await api("/v1/adapters", { method: "POST", form });
-  state.trainingJob = created.job_id;
-  const losses = [];
-  drawLoss(losses);
-  $("ft-progress").hidden = false;
-  $("ft-bar").value = 0;
-  $("ft-status").textContent = "Queued…";
   $("ft-start").disabled = true;
-  $("ft-cancel").disabled = false;
-  await loadAdapters();
   try {
+    const created = await api("/v1/adapters", { method: "POST", form });
+    state.trainingJob = created.job_id;
+    const losses = [];
+    drawLoss(losses);
+    $("ft-progress").hidden = false;
+    $("ft-bar").value = 0;
+    $("ft-status").textContent = "Queued…";
+    delete $("ft-status").dataset.status;
+    $("ft-cancel").disabled = false;
+    await loadAdapters();
     const job = await follow(created.job_id, {
       onProgress: ({ step, total, loss }) => {
         $("ft-bar").max = total;
@@ -266,7 +305,7 @@ function renderAdapters() {
       adapter.prompt || adapter.id,
       adapter.status,
       typeof loss === "number" ? loss.toFixed(4) : "—",
-      new Date(adapter.created_at).toLocaleString(),
+      new Date(adapter.created_at).toLocaleString(undefined, { dateStyle: "short", timeStyle: "short" }),
     ];
     for (const text of cells) {
       const cell = document.createElement("td");
@@ -325,6 +364,8 @@ async function downloadAdapter(adapterId) {
   document.body.append(link);
   link.click();
   link.remove();
+  // The download has its own copy once it started.
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
 
 async function importAdapter() {
@@ -362,7 +403,8 @@ async function adapterChanged() {
   $("top-atoms").value = atoms;
   showEditValues();
   const importance = await api(`/v1/adapters/${adapter.id}/atoms?limit=${TOGGLED_ATOMS}`);
-  renderToggles(importance.blocks);
+  // Another adapter may have been chosen while this one's atoms were on their way.
+  if (chosenAdapter()?.id === adapter.id) renderToggles(importance.blocks);
 }
 
 function renderToggles(blocks) {
@@ -438,7 +480,7 @@ function editedRequest(adapter) {
 }
 
 function describeEdit(request) {
-  const dropped = [...state.droppedAtoms.values()].reduce((n, atoms) => n + atoms.size, 0);
+  const dropped = Object.values(request.atom_mask?.blocks ?? {}).reduce((n, atoms) => n + atoms.length, 0);
   const top = request.top_atoms === undefined ? "all" : request.top_atoms;
   return `Edited: density ${request.density.toFixed(2)}, top ${top}, ${dropped} atom${dropped === 1 ? "" : "s"} off`;
 }
@@ -472,18 +514,28 @@ async function render(slot, request, caption) {
 function show(slot, { job, url }, caption) {
   const figure = $(`render-${slot}`);
   const image = figure.querySelector("img");
-  image.src = url;
+  const link = figure.querySelector("a.download");
+  setBlob(image, "src", url);
+  setBlob(link, "href", url);
   figure.dataset.job = job.id;
   figure.querySelector("figcaption").textContent = `${caption} (seed ${job.result.seed})`;
-  const link = figure.querySelector("a.download");
-  link.href = url;
   link.download = `${slot}-${job.id}.png`;
   link.hidden = false;
 }
 
 async function generate() {
+  $("gen-start").disabled = true;
+  try {
+    await generateAll();
+  } finally {
+    $("gen-start").disabled = false;
+  }
+}
+
+async function generateAll() {
   const adapter = chosenAdapter();
   const common = commonRequest();
+  const edited = adapter === null ? null : editedRequest(adapter);
   const renders = [render("base", common, "Base")];
   for (const slot of ["adapter", "edited"]) {
     $(`render-${slot}`).querySelector("img").removeAttribute("src");
@@ -492,12 +544,11 @@ async function generate() {
   }
   if (adapter !== null) {
     const withAdapter = { ...common, adapter_id: adapter.id, attribution: ATTRIBUTION_ATOMS };
-    const edited = editedRequest(adapter);
     renders.push(render("adapter", withAdapter, "Adapter"), render("edited", edited, describeEdit(edited)));
   }
   state.editRound += 1;
   const settled = await Promise.allSettled(renders);
-  const captions = ["Base", "Adapter", adapter === null ? "" : describeEdit(editedRequest(adapter))];
+  const captions = ["Base", "Adapter", edited === null ? "" : describeEdit(edited)];
   settled.forEach((outcome, i) => {
     if (outcome.status === "fulfilled") show(["base", "adapter", "edited"][i], outcome.value, captions[i]);
   });
@@ -533,7 +584,7 @@ const edit = guarded("generate", async () => {
 
 async function loadAttribution({ job, url }) {
   state.attributionJob = job.id;
-  $("attr-source").src = url;
+  setBlob($("attr-source"), "src", url);
   state.attribution = await api(job.result.attribution);
   const select = $("attr-block");
   select.replaceChildren();
@@ -565,7 +616,7 @@ async function showMap(entry, atom, grids, chip) {
   for (const other of $("attr-atoms").children) other.setAttribute("aria-pressed", String(other === chip));
   const url = await blobUrl(`/v1/jobs/${state.attributionJob}/attribution/0/${entry.block}/${atom}.png`);
   const image = $("attr-image");
-  image.src = url;
+  setBlob(image, "src", url);
   image.dataset.atom = atom;
   const share = (100 * mass(grids)) / (mass(entry.total) || 1);
   $("attr-caption").textContent =

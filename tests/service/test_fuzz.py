@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.app import create_app
 from service.core.redis_db import connect
 from service.core.tenants import TenantStore
 from service.core.worker_registry import base_shape
@@ -38,6 +39,23 @@ def fuzzed_stack(
         "ATOMTUNE_MAX_WAIT_SECONDS": "1",
     }
     yield from serve_stack(env, tmp_path_factory)
+
+
+def test_operation_ids_are_unique_and_every_link_names_an_operation_and_its_parameters() -> None:
+    schema = create_app().openapi()
+    operations = {op["operationId"]: (path, op) for path, ops in schema["paths"].items() for op in ops.values()}
+    assert len(operations) == sum(len(ops) for ops in schema["paths"].values())
+    links = [
+        link
+        for _, op in operations.values()
+        for response in op["responses"].values()
+        for link in response.get("links", {}).values()
+    ]
+    assert len(links) >= 10
+    for link in links:
+        path, target = operations[link["operationId"]]
+        required = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
+        assert set(link["parameters"]) == required, (link, path)
 
 
 @pytest.mark.timeout(900)

@@ -1,8 +1,9 @@
 """The playground in a real headless Chromium (Debian's, driven through its chromedriver) against
-the real gateway, Redis and worker on the demo model: sign in, upload, fine-tune with live
-progress, generate, move the density slider, toggle an atom, open the attribution view. Each step
-asserts what the page shows and is saved as a screenshot under ``docs/playground/``; any JavaScript
-error in the browser's console fails the test.
+the real gateway, Redis and workers on the bundled demo model: sign in, upload the shipped
+example's images, fine-tune with live progress, generate, move the density slider, toggle an
+atom, open the attribution view, then download, import, delete and cancel. Each step asserts what
+the page shows; the main ones are saved as the README's screenshots under ``docs/playground/``;
+any JavaScript error in the browser's console fails the test.
 
 Beside it: the page's training and generation defaults are the API's own, and everything the page
 loads weighs at most 200 KB gzipped.
@@ -11,7 +12,7 @@ loads weighs at most 200 KB gzipped.
 import gzip
 import html.parser
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,10 +20,13 @@ import pytest
 
 from service.api.playground import PLAYGROUND_DIR
 from service.api.schemas import GenerationRequest, TrainingForm
+from service.core.redis_db import connect
 from service.core.tenants import TenantStore
+from tests.service.conftest import serve_stack
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "docs" / "playground"
+EXAMPLE = REPO / "examples" / "striped-heart"
 PAGE_BUDGET_BYTES = 200 * 1024
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -107,21 +111,25 @@ def browser(downloads: Path) -> Iterator[object]:
     driver.quit()
 
 
-def _png(color: tuple[int, int, int], folder: Path, name: str, image_bytes: Callable[..., bytes]) -> str:
-    path = folder / name
-    path.write_bytes(image_bytes(color))
-    return str(path)
+@pytest.fixture(scope="module")
+def demo_stack(
+    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The stack as ``atomtune up`` runs it: the demo model, a worker per queue."""
+    env = {
+        **service_env,
+        "ATOMTUNE_REDIS_URL": own_redis_url,
+        "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp("playground")),
+        "ATOMTUNE_BASE_MODEL": str(REPO / "models" / "demo"),
+        "ATOMTUNE_WORKER_METRICS_PORT": "0",
+        "ATOMTUNE_MAX_ACTIVE_JOBS_PER_TENANT": "16",
+    }
+    yield from serve_stack(env, tmp_path_factory, queues="finetune,generate")
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.usefixtures("worker")
 def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
-    browser: object,
-    downloads: Path,
-    gateway: str,
-    tenants: TenantStore,
-    image_bytes: Callable[..., bytes],
-    tmp_path: Path,
+    browser: object, downloads: Path, demo_stack: str, own_redis_url: str
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -130,7 +138,9 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
 
     driver: WebDriver = browser  # type: ignore[assignment]
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    _, key = tenants.create("playground")
+    gateway = demo_stack
+    _, key = TenantStore(connect(own_redis_url)).create("playground")
+    prompt = (EXAMPLE / "prompt.txt").read_text().strip()
     wait = WebDriverWait(driver, STEP_SECONDS)
 
     def element(element_id: str):
@@ -145,8 +155,9 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
         driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
 
     # The page is served with a policy that lets it load nothing from elsewhere.
-    page = httpx.get(f"{gateway}/")
-    assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+    for path in ("/", "/playground/index.html", "/playground/playground.js"):
+        page = httpx.get(f"{gateway}{path}")
+        assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"], path
 
     # 1. Sign in: a wrong key is refused with the API's own message, the right one opens the page.
     driver.get(f"{gateway}/")
@@ -168,23 +179,28 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
     assert key not in driver.current_url
     assert text("no-adapters") == "No adapters yet."
 
-    # 2. Upload three images and fine-tune, with live progress and a loss chart. Without images
-    # first: the API's own message is shown in the fine-tune section.
-    element("ft-prompt").send_keys("a photo of sks square")
+    # 2. Upload the shipped example's six images with their captions and fine-tune, with live progress and a loss
+    # chart. Without images first: the API's own message is shown in the fine-tune section.
+    element("ft-prompt").send_keys(prompt)
     element("ft-start").click()
     wait.until(lambda _: "images" in text("finetune-error"))
     assert text("sign-in-error") == "" and text("generate-error") == ""
-    paths = [_png((200, 40 * i, 30), tmp_path, f"concept-{i}.png", image_bytes) for i in range(3)]
+    paths = sorted(str(path) for path in EXAMPLE.glob("*.png"))
     element("images").send_keys("\n".join(paths))
-    wait.until(lambda _: len(driver.find_elements(By.CSS_SELECTOR, "#thumbnails img")) == 3)
-    assert "3 images chosen" in text("drop-zone")
+    wait.until(lambda _: len(driver.find_elements(By.CSS_SELECTOR, "#thumbnails img")) == len(paths))
+    assert f"{len(paths)} images chosen" in text("drop-zone")
+    # Each image captioned with its context, as the example ships them.
+    captions = (EXAMPLE / "captions.txt").read_text().splitlines()
+    for field, caption in zip(
+        driver.find_elements(By.CSS_SELECTOR, "#thumbnails input.caption"), captions, strict=True
+    ):
+        field.send_keys(caption)
     element("ft-steps").clear()
-    element("ft-steps").send_keys("60")
+    element("ft-steps").send_keys("1000")
     element("ft-start").click()
     wait.until(lambda _: "Training: step" in text("ft-status"))
-    seen_steps = {text("ft-status")}
-    wait.until(lambda _: seen_steps.add(text("ft-status")) or "succeeded" in text("ft-status"))
-    assert len([s for s in seen_steps if "Training: step" in s]) >= 2, seen_steps  # progress moved live
+    wait.until(lambda _: "succeeded" in text("ft-status"))
+    # Progress arrived live, event by event: the chart drew a point for each step's loss.
     assert int(element("loss-line").get_attribute("data-count") or 0) >= 2
     assert text("finetune-error") == ""
     shot("02-fine-tune")
@@ -192,15 +208,14 @@ def test_the_playground_takes_a_tenant_from_images_to_atoms_and_their_maps(
     # 3. The adapters list shows it ready with its final loss; the generate form has it chosen.
     row = driver.find_element(By.CSS_SELECTOR, "#adapter-rows tr")
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-    assert cells[0] == "a photo of sks square" and cells[1] == "ready" and float(cells[2]) > 0
+    assert cells[0] == prompt and cells[1] == "ready" and float(cells[2]) > 0
     adapter_id = row.get_attribute("data-adapter")
     assert element("gen-adapter").get_attribute("value") == adapter_id
     wait.until(lambda _: len(driver.find_elements(By.CSS_SELECTOR, "#atom-toggles input[type=checkbox]")) > 0)
     shot("03-adapters", "adapters")
 
     # 4. Generate: base, adapter and edited side by side, each downloadable.
-    element("gen-steps").clear()
-    element("gen-steps").send_keys("4")
+    assert element("gen-prompt").get_attribute("value") == prompt  # the adapter's own, to start with
     element("gen-start").click()
 
     def rendered(slot: str, previous: str | None = None) -> bool:

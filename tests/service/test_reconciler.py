@@ -75,9 +75,11 @@ def test_a_job_missing_its_message_at_two_checks_is_sent_again_under_the_next_de
     assert _check(app, jobs, own_settings) == []
     # A message that turns up between the checks clears its job.
     enqueue(app, "generate", late)
+    submitted = jobs.get(lost).queued_at  # type: ignore[union-attr]
     assert _check(app, jobs, own_settings) == [lost]
     record = jobs.get(lost)
     assert record is not None and record.status == "queued" and record.delivery == 1
+    assert record.queued_at == submitted  # still when the tenant submitted it
     assert messages_held(jobs.db, 0) == {message_id(sent, 0), message_id(late, 0), message_id(lost, 1)}
     # The lost message, should it come back, is refused; the new one claims the job.
     assert jobs.claim(lost, pid=1, max_attempts=3, delivery=0) == ("stale_message", 0)

@@ -212,4 +212,9 @@ def test_an_attempt_goes_to_the_address_checked_not_to_where_the_name_rebinds(
         {"sni_hostname": "hooks.example.com"},
     )
     assert pinned("https://hooks.example.com/a", "2606:2800::1")[0] == "https://[2606:2800::1]/a"
+    # An internationalised name goes in its ASCII form, as HTTP and TLS want it.
+    assert pinned("https://bücher.example/a", "93.184.216.34")[1:] == (
+        {"host": "xn--bcher-kva.example"},
+        {"sni_hostname": "xn--bcher-kva.example"},
+    )
     JobStore(db).cancel(job_id)
