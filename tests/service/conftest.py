@@ -124,6 +124,25 @@ def service_env(redis_url: str, base_model: str, tmp_path_factory: pytest.TempPa
     }
 
 
+@pytest.fixture(scope="module")
+def own_env(
+    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., dict[str, str]]:
+    """Environments for a stack of the module's own: its own Redis, a data dir of its own named
+    ``name``, no worker metrics port, and each keyword as an ``ATOMTUNE_`` setting on top."""
+
+    def make(name: str, **settings: str) -> dict[str, str]:
+        return {
+            **service_env,
+            "ATOMTUNE_REDIS_URL": own_redis_url,
+            "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp(name)),
+            "ATOMTUNE_WORKER_METRICS_PORT": "0",
+            **{f"ATOMTUNE_{key.upper()}": value for key, value in settings.items()},
+        }
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def settings(service_env: dict[str, str]) -> Settings:
     return Settings(

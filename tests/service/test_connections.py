@@ -4,7 +4,7 @@ takes. Against a gateway of its own whose jobs no worker takes."""
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -19,15 +19,8 @@ HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: atomtune\r\nX-Slow: "
 
 
 @pytest.fixture(scope="module")
-def strict_gateway(
-    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    env = {
-        **service_env,
-        "ATOMTUNE_REDIS_URL": own_redis_url,
-        "ATOMTUNE_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
-        "ATOMTUNE_KEEP_ALIVE_SECONDS": "30",
-    }
+def strict_gateway(own_env: Callable[..., dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = own_env("connections", header_timeout_seconds=str(HEADER_TIMEOUT), keep_alive_seconds="30")
     yield from serve_gateway(env, tmp_path_factory)
 
 

@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -26,18 +26,9 @@ SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
 
 @pytest.fixture(scope="module")
-def fuzzed_stack(
-    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    env = {
-        **service_env,
-        "ATOMTUNE_REDIS_URL": own_redis_url,
-        "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp("fuzz")),
-        "ATOMTUNE_WORKER_METRICS_PORT": "0",
-        # Generated requests come fast and many, and each may wait: quota and waits out of the way.
-        "ATOMTUNE_MAX_ACTIVE_JOBS_PER_TENANT": "100000",
-        "ATOMTUNE_MAX_WAIT_SECONDS": "1",
-    }
+def fuzzed_stack(own_env: Callable[..., dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Generated requests come fast and many, and each may wait: quota and waits out of the way.
+    env = own_env("fuzz", max_active_jobs_per_tenant="100000", max_wait_seconds="1")
     yield from serve_stack(env, tmp_path_factory)
 
 

@@ -12,7 +12,7 @@ loads weighs at most 200 KB gzipped.
 import gzip
 import html.parser
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -112,18 +112,9 @@ def browser(downloads: Path) -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def demo_stack(
-    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def demo_stack(own_env: Callable[..., dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The stack as ``atomtune up`` runs it: the demo model, a worker per queue."""
-    env = {
-        **service_env,
-        "ATOMTUNE_REDIS_URL": own_redis_url,
-        "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp("playground")),
-        "ATOMTUNE_BASE_MODEL": str(REPO / "models" / "demo"),
-        "ATOMTUNE_WORKER_METRICS_PORT": "0",
-        "ATOMTUNE_MAX_ACTIVE_JOBS_PER_TENANT": "16",
-    }
+    env = own_env("playground", base_model=str(REPO / "models" / "demo"), max_active_jobs_per_tenant="16")
     yield from serve_stack(env, tmp_path_factory, queues="finetune,generate")
 
 

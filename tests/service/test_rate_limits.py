@@ -2,7 +2,7 @@
 authentications; every refusal a 429 with ``Retry-After``. Against a gateway of its own, on a
 Redis of its own whose jobs no worker takes."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -15,16 +15,13 @@ REQUESTS, SUBMISSIONS, AUTH_FAILURES = 8, 2, 3
 
 
 @pytest.fixture(scope="module")
-def limited_gateway(
-    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    env = {
-        **service_env,
-        "ATOMTUNE_REDIS_URL": own_redis_url,
-        "ATOMTUNE_RATE_LIMIT_REQUESTS": f"{REQUESTS}/minute",
-        "ATOMTUNE_RATE_LIMIT_SUBMISSIONS": f"{SUBMISSIONS}/minute",
-        "ATOMTUNE_RATE_LIMIT_AUTH_FAILURES": f"{AUTH_FAILURES}/minute",
-    }
+def limited_gateway(own_env: Callable[..., dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = own_env(
+        "rate-limits",
+        rate_limit_requests=f"{REQUESTS}/minute",
+        rate_limit_submissions=f"{SUBMISSIONS}/minute",
+        rate_limit_auth_failures=f"{AUTH_FAILURES}/minute",
+    )
     yield from serve_gateway(env, tmp_path_factory)
 
 

@@ -127,16 +127,9 @@ def test_a_job_whose_message_went_to_a_consumer_that_never_ran_it_is_sent_again(
 
 @pytest.fixture(scope="module")
 def reconciling_stack(
-    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    own_env: Callable[..., dict[str, str]], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    env = {
-        **service_env,
-        "ATOMTUNE_REDIS_URL": own_redis_url,
-        "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp("reconciled")),
-        "ATOMTUNE_WORKER_METRICS_PORT": "0",
-        "ATOMTUNE_LOST_MESSAGE_SECONDS": "2",
-    }
-    yield from serve_stack(env, tmp_path_factory)
+    yield from serve_stack(own_env("reconciled", lost_message_seconds="2"), tmp_path_factory)
 
 
 def test_a_worker_runs_a_job_whose_message_was_lost_exactly_once(

@@ -67,20 +67,15 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def hooked_stack(
-    own_redis_url: str, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    env = {
-        **service_env,
-        "ATOMTUNE_REDIS_URL": own_redis_url,
-        "ATOMTUNE_DATA_DIR": str(tmp_path_factory.mktemp("webhooks")),
-        "ATOMTUNE_WORKER_METRICS_PORT": "0",
+def hooked_stack(own_env: Callable[..., dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = own_env(
+        "webhooks",
         # The local receiver: allowed by name, over plain HTTP.
-        "ATOMTUNE_WEBHOOK_ALLOWED_HOSTS": '["127.0.0.1"]',
-        "ATOMTUNE_WEBHOOK_ALLOW_HTTP": "true",
-        "ATOMTUNE_WEBHOOK_BACKOFF_SECONDS": "0.3",
-        "ATOMTUNE_WEBHOOK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-    }
+        webhook_allowed_hosts='["127.0.0.1"]',
+        webhook_allow_http="true",
+        webhook_backoff_seconds="0.3",
+        webhook_max_attempts=str(MAX_ATTEMPTS),
+    )
     yield from serve_stack(env, tmp_path_factory)
 
 
