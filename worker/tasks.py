@@ -49,6 +49,8 @@ from worker.scheduler import AdapterLoader, JobCancelled, Superseded, Ticket
 
 log = logging.getLogger(__name__)
 LOSS_CURVE_POINTS = 100
+HAND_BACK_SECONDS = 600.0
+"""How long a job whose worker lost Redis waits for it to come back before its message goes back instead."""
 
 
 def _runtime(ctx: WorkerContext) -> Runtime:
@@ -94,8 +96,11 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body, worker: str = "", deliv
     ``worker`` (the Celery node name) is recorded as the job's holder, whose heartbeat recovery
     watches; ``delivery`` is the message's delivery number, which fences off stale messages.
     Celery acknowledges a task that raises, which would drop the job's only message. So if Redis
-    fails the claim or the finish, the message is put back instead: its redelivery claims the job
-    again (a further attempt, so the attempt cap also bounds this) or finds it already ended.
+    fails the claim, the message is put back instead: its redelivery claims the job (or finds it
+    ended). If Redis fails the run or the finish, the job is claimed and this worker alive, so no
+    recovery would take it, and kombu cannot put a message back while Redis is away (it would
+    wait out the visibility timeout): the job is handed back itself once Redis answers
+    (``_hand_back``), and the reconciler sends it again.
     """
     try:
         outcome, attempt = ctx.jobs.claim(job_id, os.getpid(), ctx.settings.max_job_attempts, worker, delivery)
@@ -126,16 +131,32 @@ def run_job(ctx: WorkerContext, job_id: str, body: Body, worker: str = "", deliv
     except (AdapterConfigError, AdapterFormatError, RoutingError) as exc:
         code, message = "invalid_job", str(exc)
     except RedisError as exc:
-        # Not the job's fault: its redelivery runs it again (a further attempt).
-        raise Reject(f"job {job_id} lost Redis while running: {exc}", requeue=True) from exc
+        # Not the job's fault: it runs again, as a further attempt.
+        raise _hand_back(ctx, job_id, attempt, f"job {job_id} lost Redis while running: {exc}") from exc
     except Exception:
         log.exception("job %s failed", job_id)
         code, message = "internal", "the worker failed while running the job; its log has the details"
     try:
         ctx.jobs.finish(job_id, attempt, status, result=result, error_code=code, error_message=message)  # type: ignore[arg-type]
     except RedisError as exc:
-        raise Reject(f"recording the end of job {job_id} failed: {exc}", requeue=True) from exc
+        raise _hand_back(ctx, job_id, attempt, f"recording the end of job {job_id} failed: {exc}") from exc
     ctx.metrics.job_finished(job, status, reporter.progressing_since)
+
+
+def _hand_back(ctx: WorkerContext, job_id: str, attempt: int, reason: str) -> Reject:
+    """Waits for Redis (each call already retries for about 30 s), then puts the job back in the
+    queue under the next delivery number and drops this message, which that number fences off.
+    Should Redis stay away past ``HAND_BACK_SECONDS``, the message itself goes back, as a last resort."""
+    log.warning("%s; handing the job back once Redis answers", reason)
+    deadline = time.monotonic() + HAND_BACK_SECONDS
+    while True:
+        try:
+            ctx.jobs.release(job_id, attempt)
+            return Reject(reason, requeue=False)
+        except RedisError:
+            if time.monotonic() > deadline:
+                return Reject(reason, requeue=True)
+            time.sleep(1.0)
 
 
 def _adapter_of(ctx: WorkerContext, job: Job, adapter_id: str) -> AdapterRecord:

@@ -275,6 +275,21 @@ return delivery
 """
 
 
+# ARGV[3] = the attempt its worker gave up on. A running attempt whose worker lost Redis goes back
+# to the queue under the next delivery number (the reconciler sends its message), still held by
+# that worker, so that no recovery takes it meanwhile.
+_RELEASE = f"""
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then
+  return -1
+end
+local delivery = redis.call('HINCRBY', KEYS[1], 'delivery', 1)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'step', 0, 'loss', '')
+redis.call('ZADD', '{QUEUED_JOBS_KEY}', ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'type', 'status', 'status', 'queued')
+return delivery
+"""
+
+
 class JobStore:
     """Synchronous access, used by the gateway's routes and by the workers."""
 
@@ -288,6 +303,7 @@ class JobStore:
         self._abandon = db.register_script(_ABANDON)
         self._recover = db.register_script(_RECOVER)
         self._requeue = db.register_script(_REQUEUE)
+        self._release = db.register_script(_RELEASE)
 
     def _keys(self, job_id: str, tenant_id: str) -> list[str]:
         return [job_key(job_id), job_events_key(job_id), tenant_active_jobs_key(tenant_id), CLAIMED_JOBS_KEY]
@@ -384,6 +400,13 @@ class JobStore:
         """Gives a queued job whose message under ``lost_delivery`` was lost the next delivery number,
         which its new message must carry; None when the job moved on meanwhile."""
         delivery = int(self._requeue(keys=[job_key(job_id)], args=[time.time(), job_id, lost_delivery]))
+        return None if delivery < 0 else delivery
+
+    def release(self, job_id: str, attempt: int) -> int | None:
+        """Puts a running ``attempt`` back in the queue under the next delivery number; None when
+        the job moved on meanwhile (ended, or recovered by another worker)."""
+        keys = [job_key(job_id), job_events_key(job_id)]
+        delivery = int(self._release(keys=keys, args=[time.time(), job_id, attempt]))
         return None if delivery < 0 else delivery
 
     def progress(self, job_id: str, attempt: int, step: int, total: int, loss: float | None = None) -> str:

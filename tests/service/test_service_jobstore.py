@@ -125,6 +125,36 @@ def test_a_worker_that_cannot_reach_redis_puts_the_message_back(settings: Settin
     assert raised.value.requeue is True
 
 
+def test_a_run_that_loses_redis_hands_its_job_back_under_the_next_delivery_number(
+    settings: Settings, tmp_path: Path, generate_params: Callable[..., GenerateParams]
+) -> None:
+    """Kombu cannot put a message back while Redis is away (it would wait out the visibility
+    timeout), and a claimed job under a live worker is nobody's to recover: the worker hands the
+    job back itself once Redis answers, and drops its message."""
+    from celery.exceptions import Reject
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker.context import WorkerContext
+    from worker.tasks import run_job
+
+    ctx = WorkerContext(settings, connect(settings.redis_url), Storage(tmp_path))
+    job_id = new_id()
+    ctx.jobs.create(job_id, new_id(), generate_params(steps=1), max_active=1)
+
+    def loses_redis(*_: object) -> None:
+        raise RedisConnectionError("Redis went away for longer than the calls' retries")
+
+    with pytest.raises(Reject) as raised:
+        run_job(ctx, job_id, loses_redis, worker="tester")
+    assert raised.value.requeue is False  # the message is dropped: its delivery number is fenced off
+    job = ctx.jobs.get(job_id)
+    assert job is not None and (job.status, job.delivery, job.attempts, job.worker) == ("queued", 1, 1, "tester")
+    assert job_id in ctx.jobs.queued_before(float("inf"))  # for the reconciler to send it again
+    assert ctx.jobs.claim(job_id, pid=1, max_attempts=3, delivery=0) == ("stale_message", 0)
+    assert ctx.jobs.claim(job_id, pid=1, max_attempts=3, delivery=1) == ("claimed", 2)
+    ctx.jobs.cancel(job_id)
+
+
 def test_marking_ready_never_recreates_a_deleted_adapter(settings: Settings) -> None:
     catalog = AdapterCatalog(connect(settings.redis_url))
     tenant = new_id()
