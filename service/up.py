@@ -242,7 +242,7 @@ def run_up(host: str | None, port: int | None) -> int:
         children.append(gateway)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         _wait_ready(url, [gateway.process, worker.process])
-        print(f"\natomtune is up at {url} (API docs: {url}/docs)")
+        print(f"\natomtune is up at {url} (playground: {url}/, API docs: {url}/docs)")
         print(f"demo tenant key: {key}")
         print(f'try: curl -H "Authorization: Bearer {key}" {url}/v1/adapters')
         if redis_url != settings.redis_url:
