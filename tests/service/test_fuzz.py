@@ -62,6 +62,8 @@ def test_generated_requests_get_no_5xx_and_only_documented_responses(
         f"{fuzzed_stack}/v1/adapters/import",
         files={"file": ("adapter.zip", bundle, "application/zip")},
         headers={"Authorization": f"Bearer {key}"},
+        # The gateway's first import loads torch (the engine checks the adapter): seconds on a busy machine.
+        timeout=120,
     )
     assert imported.status_code == 201, imported.text
     command = [
