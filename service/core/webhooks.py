@@ -13,8 +13,8 @@ An attempt connects to an address that was checked (``pinned``, each in turn unt
 connects), not to whatever the name resolves to a moment later, so DNS rebinding cannot slip a
 private address in between; TLS still verifies the certificate for the name, and no connection
 is kept alive (a pooled one is keyed by address, so another name at that address would reuse a
-connection whose certificate was checked for the first). Redirects are not followed (they would lead past the
-check): a 3xx is a failed attempt.
+connection whose certificate was checked for the first). Redirects are not followed (they would
+lead past the check): a 3xx is a failed attempt.
 
 Delivery is durable: a job's end (the one Lua ``terminate``) puts it in a sorted set scored by
 when its next attempt is due, which the workers serve (``worker.webhooks``).
