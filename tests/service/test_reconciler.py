@@ -33,6 +33,12 @@ def own_settings(own_redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     connect(own_redis_url).flushdb()
 
 
+def _stores(settings: Settings, tenant_name: str) -> tuple[Celery, JobStore, str]:
+    """The queue, the job store and a new tenant's id, on the test's own Redis."""
+    jobs = JobStore(connect(settings.redis_url))
+    return make_celery(settings), jobs, TenantStore(jobs.db).create(tenant_name)[0].id
+
+
 def _check(app: Celery, jobs: JobStore, settings: Settings) -> list[str]:
     """One reconciler check, as the next heartbeat would make it (the period's lock released)."""
     jobs.db.delete(RECONCILER_LOCK_KEY)
@@ -63,12 +69,10 @@ def test_the_broker_scan_sees_waiting_and_recently_delivered_messages_until_ackn
 def test_a_job_missing_its_message_at_two_checks_is_sent_again_under_the_next_delivery_number(
     own_settings: Settings, generate_params: Callable[..., GenerateParams]
 ) -> None:
-    app = make_celery(own_settings)
-    jobs = JobStore(connect(own_settings.redis_url))
-    tenant = TenantStore(jobs.db).create("reconciled")[0]
+    app, jobs, tenant_id = _stores(own_settings, "reconciled")
     lost, sent, late = new_id(), new_id(), new_id()
     for job_id in (lost, sent, late):
-        assert jobs.create(job_id, tenant.id, generate_params(steps=1), max_active=10) is not None
+        assert jobs.create(job_id, tenant_id, generate_params(steps=1), max_active=10) is not None
     enqueue(app, "generate", sent)
 
     # One check is not enough: it may fall between a worker's taking a message and recording it.
@@ -95,11 +99,9 @@ def test_a_job_missing_its_message_at_two_checks_is_sent_again_under_the_next_de
 def test_checks_are_taken_in_turn_once_per_heartbeat(
     own_settings: Settings, generate_params: Callable[..., GenerateParams]
 ) -> None:
-    app = make_celery(own_settings)
-    jobs = JobStore(connect(own_settings.redis_url))
-    tenant = TenantStore(jobs.db).create("turns")[0]
+    app, jobs, tenant_id = _stores(own_settings, "turns")
     job_id = new_id()
-    jobs.create(job_id, tenant.id, generate_params(steps=1), max_active=10)
+    jobs.create(job_id, tenant_id, generate_params(steps=1), max_active=10)
     assert _check(app, jobs, own_settings) == []
     # Another worker beating within the same period does not count as a second check.
     assert resend_lost(app, jobs, own_settings, "another") == []
@@ -111,11 +113,9 @@ def test_a_job_whose_message_went_to_a_consumer_that_never_ran_it_is_sent_again(
 ) -> None:
     """A message delivered over a connection that broke before its task ran stays unacknowledged
     until the visibility timeout, with its job queued all that time."""
-    app = make_celery(own_settings)
-    jobs = JobStore(connect(own_settings.redis_url))
-    tenant = TenantStore(jobs.db).create("stranded")[0]
+    app, jobs, tenant_id = _stores(own_settings, "stranded")
     job_id = new_id()
-    jobs.create(job_id, tenant.id, generate_params(steps=1), max_active=10)
+    jobs.create(job_id, tenant_id, generate_params(steps=1), max_active=10)
     enqueue(app, "generate", job_id)
     with app.connection_for_read() as connection:
         assert connection.SimpleQueue(GENERATE_QUEUE).get(timeout=5).payload[0] == [job_id, 0]
