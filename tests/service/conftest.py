@@ -89,6 +89,29 @@ def own_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from _redis(tmp_path_factory)
 
 
+STAND_IN_WORKER = "test-stand-in@local"
+
+
+@pytest.fixture(scope="module")
+def stand_in_worker(redis_url: str) -> Iterator[str]:
+    """A worker name with a heartbeat, for tests that claim jobs themselves: a real worker running
+    meanwhile would otherwise take those jobs for orphans and queue them again."""
+    db = connect(redis_url)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.2):
+            worker_registry.beat(db, STAND_IN_WORKER)
+
+    worker_registry.beat(db, STAND_IN_WORKER)
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    yield STAND_IN_WORKER
+    stop.set()
+    thread.join()
+    worker_registry.leave(db, STAND_IN_WORKER)
+
+
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     from adapters import save_tiny_pipeline

@@ -2,9 +2,8 @@
 it gets alone, and alone they are exactly what the pipeline gives (so batching changes nothing
 for users)."""
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,18 +12,18 @@ import pytest
 import torch
 
 from adapters import SampleRoute, SparseDictionaryAdapter, guided_routes
-from service.core import worker_registry
 from service.core.contract import AtomMaskSpec, GenerateParams
 from service.core.ids import new_id
 from service.core.jobs import JobStore
 from service.core.redis_db import connect
 from service.core.settings import Settings
+from tests.service.conftest import STAND_IN_WORKER
 from tests.test_sparse_dictionary import trained_like
 from worker.metrics import WorkerMetrics
 from worker.runtime import Runtime
 from worker.scheduler import Finished, GenerationScheduler, JobCancelled, Ticket
 
-WORKER = "test-scheduler@local"
+pytestmark = pytest.mark.usefixtures("stand_in_worker")
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 
@@ -46,29 +45,11 @@ def unused() -> SparseDictionaryAdapter:
     raise AssertionError("the adapter is resident")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def heartbeat(redis_url: str) -> Iterator[None]:
-    """This test stands in for a worker, with a heartbeat: a real worker running meanwhile would
-    otherwise take the jobs claimed here for orphans and queue them again."""
-    db = connect(redis_url)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(0.2):
-            worker_registry.beat(db, WORKER)
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join()
-
-
 def claimed_ticket(jobs: JobStore, generate_params: Callable[..., GenerateParams]) -> Ticket:
     """A job the scheduler may report progress for: created and claimed, as a worker would."""
     job_id = new_id()
     jobs.create(job_id, "tenant", generate_params(), max_active=10_000)
-    _, attempt = jobs.claim(job_id, pid=0, max_attempts=3, worker=WORKER)
+    _, attempt = jobs.claim(job_id, pid=0, max_attempts=3, worker=STAND_IN_WORKER)
     return Ticket(job_id, "tenant", attempt, deadline=time.monotonic() + 600)
 
 

@@ -300,13 +300,16 @@ def test_composed_adapters_are_checked_each_and_stored_in_order(
 
 
 def test_a_result_written_by_a_worker_of_another_version_is_refused_with_a_clear_error(
-    new_tenant: Callable[[str], Api], settings: Settings, generate_params: Callable[..., GenerateParams]
+    new_tenant: Callable[[str], Api],
+    settings: Settings,
+    generate_params: Callable[..., GenerateParams],
+    stand_in_worker: str,
 ) -> None:
     api = new_tenant("result-version")
     jobs = JobStore(connect(settings.redis_url))
     job_id = new_id()
     jobs.create(job_id, api.tenant_id, generate_params(steps=1), max_active=4)  # type: ignore[attr-defined]
-    _, attempt = jobs.claim(job_id, pid=0, max_attempts=1)
+    _, attempt = jobs.claim(job_id, pid=0, max_attempts=1, worker=stand_in_worker)
     result = GenerateResult(image_count=1, seed=0, adapter_tier=None, adapters=[], batch_size=2)
     assert jobs.finish(job_id, attempt, "succeeded", result.model_copy(update={"schema_version": 99})) == "ok"
     response = api.get(f"/v1/jobs/{job_id}")

@@ -22,6 +22,10 @@ from service.core.jobs import Job, JobStore
 from service.core.redis_db import adapter_key, connect
 from service.core.settings import Settings
 from service.core.storage import Storage
+from tests.service.conftest import STAND_IN_WORKER
+
+# Jobs claimed here are claimed under a beating name: the session's worker would recover them otherwise.
+pytestmark = pytest.mark.usefixtures("stand_in_worker")
 
 
 @pytest.fixture
@@ -43,10 +47,10 @@ def test_a_redelivery_takes_over_and_fences_off_the_first_run(jobs: JobStore, ma
     job_id = make()
     tenant = jobs.get(job_id).tenant_id  # type: ignore[union-attr]
     assert jobs.active_count(tenant) == 1
-    assert jobs.claim(job_id, pid=1, max_attempts=3) == ("claimed", 1)
+    assert jobs.claim(job_id, pid=1, max_attempts=3, worker=STAND_IN_WORKER) == ("claimed", 1)
     assert jobs.progress(job_id, 1, 1, 3, 0.5) == "0"
     # The message came back (the first process died): the job starts over as attempt 2.
-    assert jobs.claim(job_id, pid=2, max_attempts=3) == ("claimed", 2)
+    assert jobs.claim(job_id, pid=2, max_attempts=3, worker=STAND_IN_WORKER) == ("claimed", 2)
     job = jobs.get(job_id)
     assert job is not None and job.step == 0 and job.worker_pid == 2 and job.status == "running"
     assert jobs.progress(job_id, 1, 2, 3) == "stale"
@@ -57,28 +61,28 @@ def test_a_redelivery_takes_over_and_fences_off_the_first_run(jobs: JobStore, ma
     assert done is not None and done.status == "succeeded" and GenerateResult.parse(done.result or {}) == result
     assert done.finished_at is not None and jobs.active_count(tenant) == 0
     # A finished job delivered again does not run again.
-    assert jobs.claim(job_id, pid=3, max_attempts=3) == ("succeeded", 0)
+    assert jobs.claim(job_id, pid=3, max_attempts=3, worker=STAND_IN_WORKER) == ("succeeded", 0)
 
 
 def test_cancel_queued_running_and_finished(jobs: JobStore, make: Callable[[], str]) -> None:
     queued = make()
     assert jobs.cancel(queued) == "cancelled"
-    assert jobs.claim(queued, pid=1, max_attempts=3) == ("cancelled", 0)
+    assert jobs.claim(queued, pid=1, max_attempts=3, worker=STAND_IN_WORKER) == ("cancelled", 0)
 
     running = make()
-    jobs.claim(running, pid=1, max_attempts=3)
+    jobs.claim(running, pid=1, max_attempts=3, worker=STAND_IN_WORKER)
     assert jobs.cancel(running) == "cancelling"
     assert jobs.progress(running, 1, 1, 3) == "1"
     # If the worker dies before it notices, the redelivery ends the job instead of rerunning it.
-    assert jobs.claim(running, pid=2, max_attempts=3) == ("cancelled", 0)
+    assert jobs.claim(running, pid=2, max_attempts=3, worker=STAND_IN_WORKER) == ("cancelled", 0)
     assert jobs.cancel(running) == "cancelled"
 
 
 def test_a_job_that_keeps_killing_workers_is_given_up(jobs: JobStore, make: Callable[[], str]) -> None:
     job_id = make()
     for attempt in (1, 2):
-        assert jobs.claim(job_id, pid=attempt, max_attempts=2) == ("claimed", attempt)
-    assert jobs.claim(job_id, pid=3, max_attempts=2)[0] == "failed"
+        assert jobs.claim(job_id, pid=attempt, max_attempts=2, worker=STAND_IN_WORKER) == ("claimed", attempt)
+    assert jobs.claim(job_id, pid=3, max_attempts=2, worker=STAND_IN_WORKER)[0] == "failed"
     job = jobs.get(job_id)
     assert job is not None and job.error_code == "worker_lost" and "2 times" in (job.error_message or "")
 
@@ -107,7 +111,7 @@ def test_abandon_fails_only_a_job_still_queued(jobs: JobStore, make: Callable[[]
     assert jobs.active_count(tenant) == 0
 
     running = make()
-    jobs.claim(running, pid=1, max_attempts=3)
+    jobs.claim(running, pid=1, max_attempts=3, worker=STAND_IN_WORKER)
     assert jobs.abandon(running, "unavailable", "could not be queued") == "running"
 
 
@@ -145,13 +149,13 @@ def test_a_run_that_loses_redis_hands_its_job_back_under_the_next_delivery_numbe
         raise RedisConnectionError("Redis went away for longer than the calls' retries")
 
     with pytest.raises(Reject) as raised:
-        run_job(ctx, job_id, loses_redis, worker="tester")
+        run_job(ctx, job_id, loses_redis, worker=STAND_IN_WORKER)
     assert raised.value.requeue is False  # the message is dropped: its delivery number is fenced off
     job = ctx.jobs.get(job_id)
-    assert job is not None and (job.status, job.delivery, job.attempts, job.worker) == ("queued", 1, 1, "tester")
+    assert job is not None and (job.status, job.delivery, job.attempts, job.worker) == ("queued", 1, 1, STAND_IN_WORKER)
     assert job_id in ctx.jobs.queued_before(float("inf"))  # for the reconciler to send it again
-    assert ctx.jobs.claim(job_id, pid=1, max_attempts=3, delivery=0) == ("stale_message", 0)
-    assert ctx.jobs.claim(job_id, pid=1, max_attempts=3, delivery=1) == ("claimed", 2)
+    assert ctx.jobs.claim(job_id, pid=1, max_attempts=3, worker=STAND_IN_WORKER, delivery=0) == ("stale_message", 0)
+    assert ctx.jobs.claim(job_id, pid=1, max_attempts=3, worker=STAND_IN_WORKER, delivery=1) == ("claimed", 2)
     ctx.jobs.cancel(job_id)
 
 
@@ -207,6 +211,6 @@ def test_a_training_whose_adapter_is_deleted_as_it_starts_ends_cancelled(
             catalog.delete(adapter_id, tenant)
         return train(ctx, job, reporter)
 
-    run_job(ctx, job_id, deleted_as_it_starts)
+    run_job(ctx, job_id, deleted_as_it_starts, worker=STAND_IN_WORKER)
     job = jobs.get(job_id)
     assert job is not None and job.status == "cancelled" and job.error_code is None
