@@ -143,6 +143,8 @@ class Method:
     """Base images drawn per prior prompt for prior preservation (0: none); the prior prompts are
     the training contexts with every base shape in place of the concept (``prior_prompts``)."""
     prior_loss_weight: float = 1.0
+    target_blocks: tuple[int, ...] | None = None
+    """Ours only: the blocks whose self-attention gets the adapter (``None``: every block)."""
 
     @property
     def plain(self) -> bool:
@@ -349,7 +351,11 @@ def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: 
     if method.kind == "ours":
         host = AdapterHost(pipe.transformer)
         adapter_config = SparseDictionaryConfig(
-            num_atoms=method.num_atoms, density=method.density, activation=method.activation, threshold=method.threshold
+            num_atoms=method.num_atoms,
+            density=method.density,
+            activation=method.activation,
+            threshold=method.threshold,
+            target_blocks=None if method.target_blocks is None else list(method.target_blocks),
         )
         result = train_adapter(pipe, host, images, captions, adapter_config, config)
         host.add(ADAPTER, result.adapter)
