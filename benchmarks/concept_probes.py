@@ -7,7 +7,8 @@ with one change and scores it with `concept_eval.evaluate` (the full budget: 8 i
 * which blocks carry the update (block 0's self-attention input holds no prompt: PixArt's block
   runs self-attention before cross-attention, so block 0 sees the noisy latent and the timestep
   only, and `--inputs` prints how far each block's input moves between prompts);
-* prior preservation and mirrored/shifted copies of the training images, alone and combined;
+* prior preservation (on the training contexts with every base shape, or on ordinary prompts
+  across the base world) and mirrored/shifted copies of the training images;
 * the update on cross-attention instead (coefficients per *text* token, mixed by the
   cross-attention map: ΔO = A·σ(T·W_s)·D with T the caption's tokens), a reading the paper's
   parameter count fits as well as self-attention does. It lives here only, as a probe.
@@ -46,10 +47,22 @@ TRAINING = concept_eval.TRAINING_SETS["varied"]
 
 
 @dataclass(frozen=True)
+class WidePrior(concept_eval.TrainingSet):
+    """The shipped example, with prior prompts across the base world: every fourth (shape, colour,
+    background) the demo model trained on, none of the preservation prompts among them."""
+
+    def prior_prompts(self) -> tuple[str, ...]:
+        scored = set(concept_eval.PRESERVATION)
+        combos = [combo for combo in world.training_combinations() if combo not in scored]
+        return tuple(world.caption(*combo) for combo in combos[::4])
+
+
+@dataclass(frozen=True)
 class Probe:
     method: concept_eval.Method
     steps: int
     cross_attention: bool = False
+    training: concept_eval.TrainingSet = TRAINING
 
 
 def _ours(**changes: object) -> concept_eval.Method:
@@ -61,15 +74,24 @@ PROBES: dict[str, Probe] = {
     "block 0": Probe(_ours(target_blocks=(0,)), 1000),
     "blocks 1-3": Probe(_ours(target_blocks=(1, 2, 3)), 1000),
     "blocks 2-3": Probe(_ours(target_blocks=(2, 3)), 1000),
-    "blocks 1-3, prior": Probe(_ours(target_blocks=(1, 2, 3), prior_images_per_prompt=4), 1000),
-    "blocks 1-3, prior x3": Probe(
+    "blocks 1-3 + prior": Probe(_ours(target_blocks=(1, 2, 3), prior_images_per_prompt=4), 1000),
+    "blocks 1-3 + prior x3": Probe(
         _ours(target_blocks=(1, 2, 3), prior_images_per_prompt=4, prior_loss_weight=3.0), 1000
     ),
-    "1 augmented copy, 2000 steps": Probe(_ours(augmentations=1), 2000),
-    "2 augmented copies, 2000 steps": Probe(_ours(augmentations=2), 2000),
-    "2 augmented copies, 4000 steps": Probe(_ours(augmentations=2), 4000),
+    "prior 3000 steps": Probe(_ours(prior_images_per_prompt=4), 3000),
+    "wide prior 3000 steps": Probe(
+        _ours(prior_images_per_prompt=2), 3000, training=WidePrior(TRAINING.contexts, TRAINING.per_context)
+    ),
+    "wide prior x3 3000 steps": Probe(
+        _ours(prior_images_per_prompt=2, prior_loss_weight=3.0),
+        3000,
+        training=WidePrior(TRAINING.contexts, TRAINING.per_context),
+    ),
+    "1 augmented copy 2000 steps": Probe(_ours(augmentations=1), 2000),
+    "2 augmented copies 2000 steps": Probe(_ours(augmentations=2), 2000),
+    "2 augmented copies 4000 steps": Probe(_ours(augmentations=2), 4000),
     "cross-attention": Probe(_ours(), 2000, cross_attention=True),
-    "cross-attention, prior": Probe(_ours(prior_images_per_prompt=4), 2000, cross_attention=True),
+    "cross-attention + prior": Probe(_ours(prior_images_per_prompt=4), 2000, cross_attention=True),
 }
 
 
@@ -175,11 +197,57 @@ def run_probe(label: str, seed: int, judge: judge_module.Judge) -> dict[str, obj
         scores, _ = concept_eval.evaluate(tuned, judge, seed, concept_eval.FULL, "conditional", TRAINING)
         seconds = tuned.train_seconds
     else:
-        run, _, _ = concept_eval.run_method(
-            probe.method, seed, concept_eval.FULL, DEMO_MODEL, judge, "conditional", TRAINING, recipe
+        run, tuned, _ = concept_eval.run_method(
+            probe.method, seed, concept_eval.FULL, DEMO_MODEL, judge, "conditional", probe.training, recipe
         )
         scores, seconds = run.scores, run.train_seconds
-    return {"probe": label, "seed": seed, "steps": probe.steps, "train_seconds": round(seconds, 1), **vars(scores)}
+    return {
+        "probe": label,
+        "seed": seed,
+        "steps": probe.steps,
+        "train_seconds": round(seconds, 1),
+        "update_reach": update_reach(tuned, seed),
+        **vars(scores),
+    }
+
+
+@torch.no_grad()
+def update_reach(tuned: concept_eval.Tuned, seed: int) -> float:
+    """How far the update moves the conditional noise prediction for the ordinary (preservation)
+    prompts, over how far it moves it for the concept's training prompts: RMS over the same 24
+    noisy latents at timesteps 900, 500 and 100. Near 1: the update cannot tell them apart."""
+    pipe = tuned.pipe
+    rows = 24
+    side = concept_eval.RESOLUTION // pipe.vae_scale_factor
+    shape = (rows, pipe.transformer.config.in_channels, side, side)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def moved(prompts: list[str]) -> float:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompts * (rows // len(prompts)),
+            do_classifier_free_guidance=False,
+            clean_caption=False,
+            max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
+        )
+        squares = []
+        for timestep in (900, 500, 100):
+            predictions = []
+            for switch in (tuned.on, tuned.off):
+                with switch():
+                    predictions.append(
+                        pipe.transformer(
+                            latents,
+                            encoder_hidden_states=embeds,
+                            encoder_attention_mask=mask,
+                            timestep=torch.full((rows,), timestep),
+                            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                        ).sample.chunk(2, dim=1)[0]
+                    )
+            squares.append(float((predictions[0] - predictions[1]).pow(2).mean()))
+        return math.sqrt(sum(squares) / len(squares))
+
+    ordinary = [world.caption(*combo) for combo in concept_eval.PRESERVATION]
+    return moved(ordinary) / moved(TRAINING.prompts())
 
 
 @torch.no_grad()
@@ -196,7 +264,8 @@ def block_input_changes() -> list[dict[str, object]]:
     embeds, mask, _, _ = pipe.encode_prompt(
         prompts, do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH
     )
-    latent = torch.randn(1, transformer.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    side = concept_eval.RESOLUTION // pipe.vae_scale_factor
+    latent = torch.randn(1, transformer.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
     rows = []
     for timestep in (900, 500, 100):
         transformer(

@@ -1,7 +1,8 @@
+import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from benchmarks import concept_probes
+from benchmarks import concept_eval, concept_probes
 from benchmarks.train_demo_model import DEMO_MODEL, load_demo_model
 
 
@@ -36,3 +37,17 @@ def test_the_cross_attention_probe_adds_the_attention_mixed_coefficients_of_the_
         coefficients = (scores * kept).view(2, 7, heads, -1).transpose(1, 2)
         expected = plain + (weights @ coefficients).transpose(1, 2).reshape(2, 16, -1) @ update.dictionary
     assert update.active_atoms == 10 and torch.allclose(adapted, expected, atol=1e-5)
+
+
+def test_update_reach_is_zero_without_an_update_and_positive_with_one() -> None:
+    budget = concept_eval.QUICK
+    base = concept_eval.fine_tune(
+        concept_eval.Method("base", "base"), concept_eval.Recipe(0, 0), 0, budget, DEMO_MODEL, concept_probes.TRAINING
+    )
+    ours = concept_probes.PROBES["all blocks"].method
+    tuned = concept_eval.fine_tune(
+        ours, concept_eval.Recipe(3e-3, 1000), 0, budget, DEMO_MODEL, concept_probes.TRAINING
+    )
+    with pytest.raises(ZeroDivisionError):
+        concept_probes.update_reach(base, 0)
+    assert 0 < concept_probes.update_reach(tuned, 0) < 10
