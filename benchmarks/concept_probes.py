@@ -15,6 +15,7 @@ with one change and scores it with `concept_eval.evaluate` (the full budget: 8 i
 
     python -m benchmarks.concept_probes --probes "all blocks,blocks 1-3" --seeds 0,1,2
     python -m benchmarks.concept_probes --inputs
+    python -m benchmarks.concept_probes --report   # the recorded rows as a table
 
 Results are appended to `benchmarks/results/concept_probes.json`, one row per probe and seed.
 """
@@ -281,15 +282,43 @@ def block_input_changes() -> list[dict[str, object]]:
     return rows
 
 
+def report(rows: list[dict[str, object]]) -> str:
+    """A markdown table of the recorded rows: per probe, the mean over its seeds."""
+    columns = {
+        "training_fidelity": "training prompt",
+        "recontext_fidelity": "held out",
+        "recontext_colour": "colour honoured",
+        "recontext_background": "background honoured",
+        "preservation": "preservation",
+        "copy_ratio": "copy ratio",
+        "update_reach": "update reach",
+        "train_seconds": "fine-tune s",
+    }
+    lines = ["| probe | seeds | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 2) + "|"]
+    for label in dict.fromkeys(str(row["probe"]) for row in rows):
+        mine = [row for row in rows if row["probe"] == label]
+        cells = []
+        for key in columns:
+            values = [float(row[key]) for row in mine if row.get(key) is not None]  # type: ignore[arg-type]
+            mean = sum(values) / len(values) if values else None
+            cells.append("n/a" if mean is None else f"{mean:.0f}" if key == "train_seconds" else f"{mean:.3f}")
+        lines.append(f"| {label} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated, of: {', '.join(PROBES)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--inputs", action="store_true", help="only print how each block's input moves with the prompt")
+    parser.add_argument("--report", action="store_true", help="only print the recorded rows as a table")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_progress_bars()
+    if args.report:
+        print(report(json.loads(RESULTS.read_text())))
+        return
     if args.inputs:
         for row in block_input_changes():
             print(json.dumps(row))
