@@ -254,14 +254,35 @@ def update_reach(tuned: concept_eval.Tuned, seed: int) -> float:
 @torch.no_grad()
 def block_input_changes() -> list[dict[str, object]]:
     """Per block and timestep, how far the self-attention input moves when the prompt changes
-    from the concept's to an ordinary one (relative L2, one shared noisy latent)."""
+    from the concept's to an ordinary one (relative L2, one shared noisy latent), and the share of
+    the image tokens' cross-attention that goes to the shape word (``sks``, ``circle``, ``square``)."""
     pipe: PixArtSigmaPipeline = load_demo_model(DEMO_MODEL)
     transformer = pipe.transformer
-    captured: dict[int, torch.Tensor] = {}
-    for index, block in enumerate(transformer.transformer_blocks):
-        block.attn1.register_forward_pre_hook(lambda _, args, i=index: captured.__setitem__(i, args[0]))
+    inputs: dict[int, torch.Tensor] = {}
+    shares: dict[int, list[float]] = {}
     prompts = [world.caption(*combo) for combo in (("sks", "red", "black"), ("circle", "red", "black"))]
     prompts.append(world.caption("square", "blue", "white"))
+    # "a <colour> <shape> on a ...": the shape word is the third token of each prompt.
+    words = [pipe.tokenizer.tokenize(prompt)[2] for prompt in prompts]
+    assert words == ["▁sks", "▁circle", "▁square"], words
+
+    def cross_attention_share(
+        attn: Attention, hidden: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> list[float]:
+        batch, tokens, _ = hidden.shape
+        query = attn.to_q(hidden).view(batch, tokens, attn.heads, -1).transpose(1, 2)
+        key = attn.to_k(text).view(batch, text.shape[1], attn.heads, -1).transpose(1, 2)
+        weights = torch.softmax(query @ key.transpose(-1, -2) * attn.scale + mask[:, None], dim=-1)
+        return [float(share) for share in weights[..., 2].mean(dim=(1, 2))]
+
+    for index, block in enumerate(transformer.transformer_blocks):
+        block.attn1.register_forward_pre_hook(lambda _, args, i=index: inputs.__setitem__(i, args[0]))
+        block.attn2.register_forward_pre_hook(
+            lambda attn, args, kwargs, i=index: shares.__setitem__(
+                i, cross_attention_share(attn, args[0], kwargs["encoder_hidden_states"], kwargs["attention_mask"])
+            ),
+            with_kwargs=True,
+        )
     embeds, mask, _, _ = pipe.encode_prompt(
         prompts, do_classifier_free_guidance=False, clean_caption=False, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH
     )
@@ -276,9 +297,17 @@ def block_input_changes() -> list[dict[str, object]]:
             timestep=torch.full((len(prompts),), timestep),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         )
-        for block, inputs in sorted(captured.items()):
-            change = [float((inputs[0] - inputs[i]).norm() / inputs[0].norm()) for i in (1, 2)]
-            rows.append({"timestep": timestep, "block": block, "sks_vs_circle": change[0], "sks_vs_square": change[1]})
+        for block, block_input in sorted(inputs.items()):
+            change = [float((block_input[0] - block_input[i]).norm() / block_input[0].norm()) for i in (1, 2)]
+            rows.append(
+                {
+                    "timestep": timestep,
+                    "block": block,
+                    "sks_vs_circle": change[0],
+                    "sks_vs_square": change[1],
+                    "shape_word_attention": dict(zip(("sks", "circle", "square"), shares[block], strict=True)),
+                }
+            )
     return rows
 
 

@@ -12,6 +12,7 @@ def test_block_zero_sees_no_prompt_and_later_blocks_do() -> None:
     for row in rows:
         moved = min(row["sks_vs_circle"], row["sks_vs_square"])
         assert moved == 0.0 if row["block"] == 0 else moved > 0.1, row
+        assert all(0 < share < 1 for share in row["shape_word_attention"].values()), row
 
 
 def test_the_cross_attention_probe_adds_the_attention_mixed_coefficients_of_the_text() -> None:
