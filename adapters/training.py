@@ -61,10 +61,13 @@ class TrainingConfig:
     importance_probes: int = 8
     """Timesteps per training image at which atom importance is measured after training."""
     augmentations: int = 0
-    """Extra copies of every training image, each mirrored at random and shifted by up to an
-    eighth of its side (the edge pixels repeated into the gap), encoded once beside the originals.
+    """Extra copies of every training image, each mirrored at random and shifted by up to
+    ``augmentation_shift`` of its side (the edge pixels repeated into the gap), encoded once beside
+    the originals.
     With a few images the concept is otherwise learnt at the few positions they show, and the
     generated images copy those layouts."""
+    augmentation_shift: float = 0.125
+    """The largest shift of an augmented copy, as a fraction of the image side."""
     prior_prompts: tuple[str, ...] = ()
     """Prompts of ordinary images the adapter must leave as the base draws them (prior
     preservation): before training, the base draws ``prior_images_per_prompt`` images of each and
@@ -99,6 +102,8 @@ class TrainingConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if not 0 <= self.augmentations <= 16:
             raise ValueError(f"augmentations must be in [0, 16], got {self.augmentations}")
+        if not 0.0 < self.augmentation_shift <= 0.5:
+            raise ValueError(f"augmentation_shift must be in (0, 0.5], got {self.augmentation_shift}")
         if len(self.prior_prompts) > 64 or not all(prompt.strip() for prompt in self.prior_prompts):
             raise ValueError("prior_prompts must be at most 64 non-empty prompts")
         if not 1 <= self.prior_images_per_prompt <= 64:
@@ -183,7 +188,11 @@ def encode_concept(
     device = pipeline.transformer.device
     resolution = config.resolution or native_resolution(pipeline)
     originals = [_to_pixels(image, resolution) for image in images]
-    variants = [_mirrored_and_shifted(p, generator) for _ in range(config.augmentations) for p in originals]
+    variants = [
+        _mirrored_and_shifted(p, config.augmentation_shift, generator)
+        for _ in range(config.augmentations)
+        for p in originals
+    ]
     if len(prompts) > 1:
         prompts = prompts * (1 + config.augmentations)
     pixels = torch.stack(originals + variants).to(device, pipeline.vae.dtype)
@@ -255,9 +264,9 @@ def _to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def _mirrored_and_shifted(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _mirrored_and_shifted(pixels: torch.Tensor, shift: float, generator: torch.Generator) -> torch.Tensor:
     side = pixels.shape[-1]
-    margin = max(side // 8, 1)
+    margin = max(round(side * shift), 1)
     if torch.rand((), generator=generator) < 0.5:
         pixels = pixels.flip(-1)
     padded = F.pad(pixels[None], (margin, margin, margin, margin), mode="replicate")[0]

@@ -139,6 +139,7 @@ class Method:
     """LoRA rank when it differs from the paper's 16 (Figure 4's rank-1 LoRA)."""
     augmentations: int = 0
     """Mirrored and shifted copies of every training image (``TrainingConfig.augmentations``)."""
+    augmentation_shift: float = 0.125
     prior_images_per_prompt: int = 0
     """Base images drawn per prior prompt for prior preservation (0: none); the prior prompts are
     the training contexts with every base shape in place of the concept (``prior_prompts``)."""
@@ -337,6 +338,7 @@ def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: 
         steps=max(1, round(recipe.steps * budget.steps_scale)),
         learning_rate=recipe.learning_rate,
         augmentations=method.augmentations,
+        augmentation_shift=method.augmentation_shift,
         prior_prompts=training.prior_prompts() if method.prior_images_per_prompt else (),
         prior_images_per_prompt=max(method.prior_images_per_prompt, 1),
         prior_loss_weight=method.prior_loss_weight,

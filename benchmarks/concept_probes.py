@@ -91,6 +91,9 @@ PROBES: dict[str, Probe] = {
     "1 augmented copy 2000 steps": Probe(_ours(augmentations=1), 2000),
     "2 augmented copies 2000 steps": Probe(_ours(augmentations=2), 2000),
     "2 augmented copies 4000 steps": Probe(_ours(augmentations=2), 4000),
+    "1 copy shifted up to 1/4 2000 steps": Probe(_ours(augmentations=1, augmentation_shift=0.25), 2000),
+    "1 copy shifted up to 1/4 3000 steps": Probe(_ours(augmentations=1, augmentation_shift=0.25), 3000),
+    "1 copy shifted up to 3/16 2000 steps": Probe(_ours(augmentations=1, augmentation_shift=0.1875), 2000),
     "cross-attention": Probe(_ours(), 2000, cross_attention=True),
     "cross-attention + prior": Probe(_ours(prior_images_per_prompt=4), 2000, cross_attention=True),
 }

@@ -145,6 +145,9 @@ def test_augmented_copies_are_encoded_beside_the_originals_with_their_captions()
     assert (augmented[2:] - augmented[:2].repeat(3, 1, 1, 1)).abs().amax() > 0.1, "copies differ from originals"
     with pytest.raises(ValueError, match="augmentations"):
         training_config(1, augmentations=17).validate()
+    for shift in (0.0, 0.6):
+        with pytest.raises(ValueError, match="augmentation_shift"):
+            training_config(1, augmentations=1, augmentation_shift=shift).validate()
 
 
 def test_training_is_deterministic_for_a_seed() -> None:
