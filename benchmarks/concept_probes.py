@@ -13,6 +13,9 @@ with one change and scores it with `concept_eval.evaluate` (the full budget: 8 i
   cross-attention map: ΔO = A·σ(T·W_s)·D with T the caption's tokens), a reading the paper's
   parameter count fits as well as self-attention does. It lives here only, as a probe.
 
+Beside Table 1's scores each row has the update's *reach*: how far it moves the noise prediction
+for ordinary prompts over how far it moves it for the concept's (`update_reach`).
+
     python -m benchmarks.concept_probes --probes "all blocks,blocks 1-3" --seeds 0,1,2
     python -m benchmarks.concept_probes --inputs
     python -m benchmarks.concept_probes --report   # the recorded rows as a table
