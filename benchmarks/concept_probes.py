@@ -67,6 +67,8 @@ class Probe:
     steps: int
     cross_attention: bool = False
     training: concept_eval.TrainingSet = TRAINING
+    branch: str = "conditional"
+    """The guidance half the update acts on when sampling (``concept_eval.sample``)."""
 
 
 def _ours(**changes: object) -> concept_eval.Method:
@@ -91,6 +93,24 @@ PROBES: dict[str, Probe] = {
         3000,
         training=WidePrior(TRAINING.contexts, TRAINING.per_context),
     ),
+    "wide prior x3 3000 steps on both halves": Probe(
+        _ours(prior_images_per_prompt=2, prior_loss_weight=3.0),
+        3000,
+        training=WidePrior(TRAINING.contexts, TRAINING.per_context),
+        branch="both",
+    ),
+    "wide prior x3 5000 steps on both halves": Probe(
+        _ours(prior_images_per_prompt=2, prior_loss_weight=3.0),
+        5000,
+        training=WidePrior(TRAINING.contexts, TRAINING.per_context),
+        branch="both",
+    ),
+    "wide prior x3 8000 steps on both halves": Probe(
+        _ours(prior_images_per_prompt=2, prior_loss_weight=3.0),
+        8000,
+        training=WidePrior(TRAINING.contexts, TRAINING.per_context),
+        branch="both",
+    ),
     "1 augmented copy 2000 steps": Probe(_ours(augmentations=1), 2000),
     "2 augmented copies 2000 steps": Probe(_ours(augmentations=2), 2000),
     "2 augmented copies 4000 steps": Probe(_ours(augmentations=2), 4000),
@@ -100,6 +120,8 @@ PROBES: dict[str, Probe] = {
     "cross-attention": Probe(_ours(), 2000, cross_attention=True),
     "cross-attention + prior": Probe(_ours(prior_images_per_prompt=4), 2000, cross_attention=True),
 }
+
+assert not any("," in label for label in PROBES), "--probes takes a comma-separated list of labels"
 
 
 class CrossAttentionDictionary(nn.Module):
@@ -201,11 +223,11 @@ def run_probe(label: str, seed: int, judge: judge_module.Judge) -> dict[str, obj
     recipe = concept_eval.Recipe(3e-3, probe.steps)
     if probe.cross_attention:
         tuned = _cross_attention_tuned(probe, seed)
-        scores, _ = concept_eval.evaluate(tuned, judge, seed, concept_eval.FULL, "conditional", TRAINING)
+        scores, _ = concept_eval.evaluate(tuned, judge, seed, concept_eval.FULL, probe.branch, TRAINING)
         seconds = tuned.train_seconds
     else:
         run, tuned, _ = concept_eval.run_method(
-            probe.method, seed, concept_eval.FULL, DEMO_MODEL, judge, "conditional", probe.training, recipe
+            probe.method, seed, concept_eval.FULL, DEMO_MODEL, judge, probe.branch, probe.training, recipe
         )
         scores, seconds = run.scores, run.train_seconds
     return {
