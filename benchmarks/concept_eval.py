@@ -149,8 +149,8 @@ class Method:
 
     @property
     def plain(self) -> bool:
-        """Trained on the concept's images alone, as the service trains."""
-        return self.augmentations == 0 and self.prior_images_per_prompt == 0
+        """Trained on the concept's images alone, on every block, as the service trains."""
+        return self.augmentations == 0 and self.prior_images_per_prompt == 0 and self.target_blocks is None
 
 
 @dataclass(frozen=True)
