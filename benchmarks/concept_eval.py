@@ -331,10 +331,9 @@ def _sample_chunk(
     return pipe.image_processor.postprocess(decoded, output_type="pil")
 
 
-def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: Path, training: TrainingSet) -> Tuned:
-    """Loads a fresh base (PEFT wraps it in place) and trains ``method`` on the concept."""
-    pipe = load_demo_model(model)
-    config = TrainingConfig(
+def training_config(method: Method, recipe: Recipe, seed: int, budget: Budget, training: TrainingSet) -> TrainingConfig:
+    """The engine's training settings for ``method`` at ``recipe`` under ``budget``."""
+    return TrainingConfig(
         steps=max(1, round(recipe.steps * budget.steps_scale)),
         learning_rate=recipe.learning_rate,
         augmentations=method.augmentations,
@@ -346,6 +345,12 @@ def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: 
         seed=seed,
         max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
     )
+
+
+def fine_tune(method: Method, recipe: Recipe, seed: int, budget: Budget, model: Path, training: TrainingSet) -> Tuned:
+    """Loads a fresh base (PEFT wraps it in place) and trains ``method`` on the concept."""
+    pipe = load_demo_model(model)
+    config = training_config(method, recipe, seed, budget, training)
     images, captions = training.images(), training.captions()
     started = time.perf_counter()
     if method.kind == "base":

@@ -41,7 +41,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from adapters.tiny import TINY_MAX_SEQUENCE_LENGTH
-from adapters.training import TrainingConfig, _fit, draw_prior, encode_concept
+from adapters.training import _fit, draw_prior, encode_concept
 from benchmarks import concept_eval, world
 from benchmarks import judge as judge_module
 from benchmarks.train_demo_model import DEMO_MODEL, load_demo_model, quiet_progress_bars
@@ -162,20 +162,11 @@ class CrossAttentionDictionary(nn.Module):
         return output + mixed.transpose(1, 2).reshape(batch, tokens, -1) @ self.dictionary
 
 
-def _cross_attention_tuned(probe: Probe, seed: int) -> concept_eval.Tuned:
+def _cross_attention_tuned(probe: Probe, recipe: concept_eval.Recipe, seed: int) -> concept_eval.Tuned:
     pipe = load_demo_model(DEMO_MODEL)
     transformer = pipe.transformer
     method = probe.method
-    config = TrainingConfig(
-        steps=probe.steps,
-        learning_rate=3e-3,
-        batch_size=concept_eval.FULL.batch_size,
-        seed=seed,
-        max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
-        prior_prompts=TRAINING.prior_prompts() if method.prior_images_per_prompt else (),
-        prior_images_per_prompt=max(method.prior_images_per_prompt, 1),
-        prior_loss_weight=method.prior_loss_weight,
-    )
+    config = concept_eval.training_config(method, recipe, seed, concept_eval.FULL, probe.training)
     embeds, mask, _, _ = pipe.encode_prompt(
         TRAINING.prompts(),
         do_classifier_free_guidance=False,
@@ -222,7 +213,7 @@ def run_probe(label: str, seed: int, judge: judge_module.Judge) -> dict[str, obj
     probe = PROBES[label]
     recipe = concept_eval.Recipe(3e-3, probe.steps)
     if probe.cross_attention:
-        tuned = _cross_attention_tuned(probe, seed)
+        tuned = _cross_attention_tuned(probe, recipe, seed)
         scores, _ = concept_eval.evaluate(tuned, judge, seed, concept_eval.FULL, probe.branch, TRAINING)
         seconds = tuned.train_seconds
     else:
